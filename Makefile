@@ -37,17 +37,19 @@ endif
 train: $(STAMP)
 	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VENV)/bin/fastgrpo train $(ARGS)
 
+# pytest is called as a program, not `python -m pytest`: the latter puts the repository root on
+# sys.path, where the kernels/ folder could pass for Hugging Face's `kernels` package.
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow and not gpu" $(ARGS)
+	$(VENV)/bin/pytest -m "not slow and not gpu" $(ARGS)
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -m "slow" $(ARGS)
+	$(VENV)/bin/pytest -m "slow" $(ARGS)
 
 test-all: $(STAMP)
-	$(PY) -m pytest $(ARGS)
+	$(VENV)/bin/pytest $(ARGS)
 
 bench: $(STAMP)
-	$(PY) -m pytest benchmarks/ --benchmark-only $(ARGS)
+	$(VENV)/bin/pytest benchmarks/ --benchmark-only $(ARGS)
 
 gpu-check: $(STAMP)
 	$(PY) -m fastgrpo.gpu_check $(ARGS)

@@ -37,6 +37,7 @@ class DataConfig:
     eval_dataset: str | None = None  # held-out file; None = the arithmetic held-out split
     problem_key: str = "problem"
     answer_key: str = "answer"
+    on_bad_rows: str = "raise"  # raise | skip (skipped rows are logged with file and line)
     num_train: int = 2000  # arithmetic task only
     num_eval: int = 64  # held-out problems evaluated before and after training
     levels: tuple[int, ...] = (1, 2)  # arithmetic difficulty levels
@@ -124,6 +125,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.lr_schedule": ("constant", "cosine", "linear"),
     "train.optimizer": ("adamw", "adamw8bit"),
     "data.template": ("boxed", "r1", "qwen"),
+    "data.on_bad_rows": ("raise", "skip"),
 }
 
 
