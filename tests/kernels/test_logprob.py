@@ -1,0 +1,331 @@
+"""token_logprobs: the chunked torch path and the Triton kernels (under TRITON_INTERPRET=1, in a
+subprocess) against an fp64 computation; the O(chunk x V) memory property; input errors.
+
+Tolerance rule: a kernel's error against fp64 is at most K x the error of the naive computation in
+the same dtype (impl="reference"), plus a small atol, for logp, entropy and both input gradients.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from fastgrpo.kernels import logprob as lp
+from fastgrpo.kernels.logprob import (
+    LogprobParams,
+    TokenLogprobFunction,
+    TritonConfig,
+    token_logprobs,
+)
+
+K = 2.0  # kernel error <= K x naive same-dtype error + atol
+ATOL = {torch.float32: 1e-6, torch.float16: 5e-4, torch.bfloat16: 2e-3}  # x max(|truth|, 1)
+SHAPES = [(257, 123, 1001), (1, 123, 1001)]  # V=1001 is a multiple of no block size
+
+
+def make_inputs(n, h, v, dtype, seed):
+    """hidden [n, h], weight [v, h] (logits of std ~2), targets [n], upstream grads [n] x 2."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=gen).to(dtype)
+    weight = (torch.randn(v, h, generator=gen) * 2 / h**0.5).to(dtype)
+    targets = torch.randint(0, v, (n,), generator=gen)
+    grad_logp, grad_entropy = torch.randn(2, n, generator=gen)
+    return hidden, weight, targets, grad_logp, grad_entropy
+
+
+def fwd_bwd(fn, hidden, weight, targets, grad_logp, grad_entropy, entropy, fp64=False):
+    """Run fn(hidden, weight, targets) -> logp (, entropy); backprop random upstream grads.
+    fp64: make the leaves float64 (the truth). Returns {"logp", "entropy", "grad_hidden",
+    "grad_weight"} as fp64 (entropy None if off)."""
+    dtype = torch.float64 if fp64 else hidden.dtype
+    hidden = hidden.detach().to(dtype).requires_grad_()
+    weight = weight.detach().to(dtype).requires_grad_()
+    out = fn(hidden, weight, targets)
+    logp, ent = out if entropy else (out, None)
+    assert logp.dtype == (torch.float64 if fp64 else torch.float32) and logp.shape == targets.shape
+    loss = (logp * grad_logp).sum() + ((ent * grad_entropy).sum() if entropy else 0)
+    loss.backward()
+    assert hidden.grad.dtype == dtype and weight.grad.dtype == dtype
+    return {"logp": logp.detach().double(), "entropy": ent.detach().double() if entropy else None,
+            "grad_hidden": hidden.grad.double(), "grad_weight": weight.grad.double()}
+
+
+def fp64_logprobs(hidden, weight, targets, temperature, entropy):
+    log_probs = torch.log_softmax((hidden.double() @ weight.double().T) / temperature, -1)
+    logp = log_probs.gather(-1, targets[:, None])[:, 0]
+    return (logp, -(log_probs.exp() * log_probs).sum(-1)) if entropy else logp
+
+
+def assert_within_naive_error(got, inputs, temperature, entropy, dtype):
+    """got vs fp64 truth, bounded by K x (naive same-dtype vs truth) + atol, per output present
+    in got (a None gradient is skipped: the caller checks that it is expected)."""
+    truth = fwd_bwd(lambda h, w, t: fp64_logprobs(h, w, t, temperature, entropy), *inputs, entropy,
+                    fp64=True)
+    naive = fwd_bwd(lambda h, w, t: token_logprobs(h, w, t, temperature, entropy, impl="reference"),
+                    *inputs, entropy)
+    for name, want in truth.items():
+        if want is None or got[name] is None:
+            continue
+        err = (got[name] - want).abs().max().item()
+        naive_err = (naive[name] - want).abs().max().item()
+        scale = max(want.abs().max().item(), 1.0)  # grad_weight grows with N: relative atol
+        assert err <= K * naive_err + ATOL[dtype] * scale, (
+            f"{name}: error {err:.3g} vs naive {dtype} error {naive_err:.3g} (scale {scale:.3g})")
+
+
+# ----------------------------------------------------------------------------------------------
+# torch path
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("temperature,entropy", [(1.0, False), (0.7, True), (1.0, True), (0.7, False)])
+def test_torch_path_matches_fp64(dtype, shape, temperature, entropy):
+    inputs = make_inputs(*shape, dtype, seed=shape[0] + int(10 * temperature))
+    # 32-token chunks: 257 tokens make nine chunks, the last one of a single token
+    params = LogprobParams(temperature, entropy, impl="torch", chunk_tokens=32)
+    got = fwd_bwd(lambda h, w, t: TokenLogprobFunction.apply(h, w, t, params), *inputs, entropy)
+    assert_within_naive_error(got, inputs, temperature, entropy, dtype)
+
+
+def test_public_function_default_impl_on_cpu_is_the_torch_path():
+    hidden, weight, targets, grad_logp, _ = make_inputs(33, 20, 77, torch.float32, seed=3)
+    assert lp.resolve_impl("auto", hidden) == "torch"
+    got = token_logprobs(hidden, weight, targets, temperature=0.9)
+    want = fp64_logprobs(hidden, weight, targets, 0.9, entropy=False)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("upstream", ["logp", "entropy"])
+def test_torch_path_gradient_of_one_output_only(upstream):
+    """An unused output reaches backward as None; the other one's gradient must be exact."""
+    hidden, weight, targets, grad_out, _ = make_inputs(40, 24, 130, torch.float32, seed=5)
+    params = LogprobParams(0.8, True, impl="torch", chunk_tokens=16)
+    runs = []
+    for fn, dtype in ((lambda h, w: TokenLogprobFunction.apply(h, w, targets, params), torch.float32),
+                      (lambda h, w: fp64_logprobs(h, w, targets, 0.8, entropy=True), torch.float64)):
+        h, w = hidden.to(dtype).detach().requires_grad_(), weight.to(dtype).detach().requires_grad_()
+        logp, ent = fn(h, w)
+        ((logp if upstream == "logp" else ent) * grad_out).sum().backward()
+        runs.append((h.grad.double(), w.grad.double()))
+    for got, want in zip(*runs):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_frozen_weight_gets_no_gradient_and_hidden_gradient_is_exact():
+    hidden, weight, targets, grad_out, _ = make_inputs(30, 16, 90, torch.float32, seed=6)
+    h = hidden.clone().requires_grad_()
+    token_logprobs(h, weight, targets).mul(grad_out).sum().backward()
+    h64 = hidden.double().requires_grad_()
+    fp64_logprobs(h64, weight, targets, 1.0, False).mul(grad_out).sum().backward()
+    assert weight.grad is None
+    torch.testing.assert_close(h.grad.double(), h64.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["torch", "reference"])
+@pytest.mark.parametrize("entropy", [False, True])
+def test_empty_batch(impl, entropy):
+    hidden = torch.randn(0, 8, requires_grad=True)
+    weight = torch.randn(50, 8, requires_grad=True)
+    out = token_logprobs(hidden, weight, torch.zeros(0, dtype=torch.long), 1.0, entropy, impl=impl)
+    outs = out if entropy else (out,)
+    for o in outs:
+        assert o.shape == (0,) and o.dtype == torch.float32
+    sum(o.sum() for o in outs).backward()
+    assert hidden.grad.shape == (0, 8) and weight.grad.shape == (50, 8)
+    assert not weight.grad.any()
+
+
+# ----------------------------------------------------------------------------------------------
+# memory: the torch path never holds an N x V tensor
+# ----------------------------------------------------------------------------------------------
+class LargestTensor(TorchDispatchMode):
+    """Records the largest numel among the outputs of every op run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel, self.op = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.numel() > self.numel:
+                self.numel, self.op = t.numel(), func
+        return out
+
+
+def _largest_in_fwd_bwd(fn, n=96, h=16, v=300):
+    hidden, weight, targets, grad_logp, grad_entropy = make_inputs(n, h, v, torch.float32, seed=8)
+    hidden.requires_grad_(), weight.requires_grad_()
+    with LargestTensor() as mode:
+        logp, ent = fn(hidden, weight, targets)
+        ((logp * grad_logp).sum() + (ent * grad_entropy).sum()).backward()
+    return mode, n * v
+
+
+def test_torch_path_never_allocates_n_by_v():
+    # chunk 8 of N=96: every buffer is 8 x V; weight grad V x H = 4,800 < N x V = 28,800
+    params = LogprobParams(1.3, True, impl="torch", chunk_tokens=8)
+    mode, n_by_v = _largest_in_fwd_bwd(lambda h, w, t: TokenLogprobFunction.apply(h, w, t, params))
+    assert mode.numel < n_by_v, f"{mode.op} made a tensor of {mode.numel} elements >= N x V = {n_by_v}"
+    assert mode.numel >= 8 * 300  # the check saw the chunk buffers (the mode is active throughout)
+
+
+def test_memory_check_catches_the_naive_reference():
+    mode, n_by_v = _largest_in_fwd_bwd(
+        lambda h, w, t: token_logprobs(h, w, t, 1.3, True, impl="reference"))
+    assert mode.numel >= n_by_v
+
+
+def test_default_chunk_is_bounded_by_the_element_budget():
+    params = LogprobParams()
+    assert lp._torch_chunk_tokens(100_000, 151_936, params) * 151_936 <= lp.TORCH_CHUNK_ELEMENTS
+    assert lp._torch_chunk_tokens(100_000, 10**9, params) == 1
+    assert lp._torch_chunk_tokens(5, 1000, params) == 5
+
+
+# ----------------------------------------------------------------------------------------------
+# input errors
+# ----------------------------------------------------------------------------------------------
+def _good():
+    return torch.randn(4, 8), torch.randn(20, 8), torch.tensor([0, 3, 19, 7])
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (lambda h, w, t: (h[None], w, t), ValueError, r"hidden must be 2-D \[N, H\], got shape \(1, 4, 8\)"),
+    (lambda h, w, t: (h, w[None], t), ValueError, r"weight must be 2-D \[V, H\], got shape \(1, 20, 8\)"),
+    (lambda h, w, t: (h, w[:, :5], t), ValueError, r"hidden has H=8 but weight \[V, H\] has H=5"),
+    (lambda h, w, t: (h, w, t[:3]), ValueError, r"targets must be 1-D of length N=4, got shape \(3,\)"),
+    (lambda h, w, t: (h, w, t[None]), ValueError, r"targets must be 1-D of length N=4, got shape \(1, 4\)"),
+    (lambda h, w, t: (h, w, t.float()), TypeError, r"targets must be an integer tensor .* got torch.float32"),
+    (lambda h, w, t: (h, w, t.clone().fill_(20)), ValueError, r"\[0, V=20\), got min 20 and max 20"),
+    (lambda h, w, t: (h, w, torch.tensor([-1, 0, 25, 1])), ValueError, r"\[0, V=20\), got min -1 and max 25"),
+    (lambda h, w, t: (h, w.double(), t), TypeError, r"share one floating dtype, got torch.float32 and torch.float64"),
+])
+def test_bad_inputs_raise_with_a_clear_message(change, error, match):
+    with pytest.raises(error, match=match):
+        token_logprobs(*change(*_good()))
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf"), "0.7", None])
+def test_bad_temperature(temperature):
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0, got"):
+        token_logprobs(*_good(), temperature=temperature)
+
+
+def test_unknown_impl_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown impl 'cuda'; valid: auto, triton, torch, reference"):
+        token_logprobs(*_good(), impl="cuda")
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(lp, "_KERNELS_INTERPRETED", False)
+    with pytest.raises(RuntimeError, match=r"impl='triton' needs a CUDA tensor .* hidden is on cpu"):
+        token_logprobs(*_good(), impl="triton")
+    monkeypatch.setattr(lp, "triton", None)
+    with pytest.raises(RuntimeError, match="Triton is not installed"):
+        token_logprobs(*_good(), impl="triton")
+    assert lp.resolve_impl("auto", _good()[0]) == "torch"
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton: specialization, ahead-of-time compilation, and the kernels under the interpreter
+# ----------------------------------------------------------------------------------------------
+needs_triton = pytest.mark.skipif(lp.triton is None, reason="Triton is not installed")
+
+
+@needs_triton
+def test_sizes_are_runtime_arguments_and_tiles_constexpr():
+    for kernel in (lp._logprob_fwd_kernel, lp._logprob_bwd_kernel):
+        params = {p.name: p for p in kernel.params}
+        assert not any(params[name].is_constexpr for name in ("N", "V", "H"))
+        assert params["N"].do_not_specialize  # N changes every step: no alignment specializations
+        assert all(params[name].is_constexpr for name in ("BLOCK_N", "BLOCK_V", "BLOCK_H", "HAS_ENTROPY"))
+
+
+@needs_triton
+def test_both_kernels_compile_for_sm86_with_bf16():
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    for entry in lp.triton_configs():
+        if torch.bfloat16 not in entry["dtypes"]:
+            continue
+        flags = entry["flags"][-1]  # every flag on: the largest variant
+        sig, constexprs = lp.triton_signature(entry["kernel_name"], torch.bfloat16, entry["config"], flags)
+        compiled = triton.compile(
+            ASTSource(fn=entry["kernel"], signature=sig, constexprs=constexprs),
+            target=GPUTarget("cuda", 86, 32),
+            options={"num_warps": entry["config"].num_warps, "num_stages": entry["config"].num_stages})
+        assert "cubin" in compiled.asm
+        assert compiled.metadata.shared <= 99 * 1024  # an A40 block's shared-memory limit
+
+
+# Small tiles so that every axis has several tiles and a partial one: N=67 -> 5 token blocks of 16,
+# V=300 -> 5 vocab tiles of 64, H=45 -> 3 steps of 16; two vocab splits in the forward. The 257 x
+# 123 x 1001 case uses 64/128/64 tiles (~8 s in the interpreter, against ~30 s with the small ones).
+SMALL_TILES = TritonConfig(16, 64, 16, num_warps=4, num_stages=1)
+LARGE_TILES = TritonConfig(64, 128, 64, num_warps=4, num_stages=1)
+TRITON_CASES = [  # (n, h, v, dtype name, temperature, entropy, tiles, splits, weight needs grad)
+    *[(67, 45, 300, d, t, e, "small", 2, True)
+      for d in ("float32", "float16") for t in (1.0, 0.7) for e in (False, True)],
+    (1, 45, 300, "float32", 0.7, True, "small", 3, True),
+    (67, 45, 300, "float16", 1.0, True, "small", 1, False),
+    (257, 123, 1001, "float32", 0.7, True, "large", 2, True),
+    (0, 45, 300, "float32", 1.0, True, "small", 2, True),
+]
+
+
+def _triton_worker(out_path):
+    """Runs in a subprocess with TRITON_INTERPRET=1: fwd+bwd of every TRITON_CASES entry."""
+    assert lp._KERNELS_INTERPRETED, "TRITON_INTERPRET=1 must be set before the module is imported"
+    results = []
+    for i, (n, h, v, dtype, temperature, entropy, tiles, splits, weight_grad) in enumerate(TRITON_CASES):
+        cfg = SMALL_TILES if tiles == "small" else LARGE_TILES
+        params = LogprobParams(temperature, entropy, impl="triton", fwd_config=cfg, bwd_config=cfg,
+                               fwd_splits=splits)
+        hidden, weight, targets, grad_logp, grad_entropy = make_inputs(n, h, v, getattr(torch, dtype), seed=i)
+        hidden.requires_grad_(), weight.requires_grad_(weight_grad)
+        out = TokenLogprobFunction.apply(hidden, weight, targets, params)
+        logp, ent = out if entropy else (out, None)
+        ((logp * grad_logp).sum() + ((ent * grad_entropy).sum() if entropy else 0)).backward()
+        results.append({"logp": logp.detach(), "entropy": None if ent is None else ent.detach(),
+                        "grad_hidden": hidden.grad, "grad_weight": weight.grad})
+    torch.save(results, out_path)
+
+
+@pytest.fixture(scope="module")
+def triton_results(tmp_path_factory):
+    """The interpreter must be on before Triton decorates the kernels, which this process already
+    did: run all cases in one fresh interpreter-mode process (~20 s)."""
+    out_path = tmp_path_factory.mktemp("triton") / "results.pt"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--triton-worker", str(out_path)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return torch.load(out_path)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", range(len(TRITON_CASES)), ids=lambda i: "-".join(map(str, TRITON_CASES[i][:6])))
+def test_triton_kernels_match_fp64_under_interpreter(triton_results, case):
+    n, h, v, dtype, temperature, entropy, _, _, weight_grad = TRITON_CASES[case]
+    dtype = getattr(torch, dtype)
+    inputs = make_inputs(n, h, v, dtype, seed=case)
+    got = {k: (None if x is None else x.double()) for k, x in triton_results[case].items()}
+    assert got["logp"].shape == (n,)
+    assert (got["grad_weight"] is None) == (not weight_grad)
+    if n == 0:
+        assert got["grad_hidden"].shape == (0, h) and got["entropy"].shape == (0,)
+        return
+    assert_within_naive_error(got, inputs, temperature, entropy, dtype)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--triton-worker"]:
+    _triton_worker(sys.argv[2])
