@@ -1,0 +1,601 @@
+"""Analytical GPU memory planner for GRPO training: will this model, context and group fit a GPU?
+
+    fastgrpo plan --model qwen2.5-1.5b --gpu a40-48gb --max-len 16384 --group 8 --gradient-checkpointing
+
+The plan adds up the bytes of every tensor that is alive at the training peak of one GPU that holds
+the policy, its optimizer, (beta > 0) a reference model, and a colocated vLLM engine:
+
+    persistent  policy weights + gradients + optimizer states + reference weights + rollout tensors
+                + vLLM's share of the GPU + a CUDA context/fragmentation allowance
+    step peak   max(stored activations + max(loss working set, one layer's backward working set),
+                    the embedding's backward, the weight-sync copy)
+
+Assumptions (each one names what the planner counts):
+- Training runs in the parameter dtype with no fp32 master copy: weights, gradients and torch AdamW's
+  two states all take the parameter dtype (torch allocates the states with ``zeros_like(param)``), so
+  AdamW costs 2 x dtype bytes per parameter (8 in fp32, 4 in bf16). bitsandbytes AdamW8bit keeps two
+  uint8 states plus one fp32 absmax per 256-element block (2.03 bytes/param), and fp32 states for
+  tensors under 4,096 elements (norm weights, biases).
+- Gradients are accumulated over micro-batches, so from the second micro-batch on the gradients and
+  the optimizer states are alive during forward and backward: the planner adds them to the peak.
+- Attention is flash-attention (packed, varlen): nothing of size T x T is stored.
+- The fused loss is fastgrpo.kernels.token_logprobs on a GPU (Triton): logit tiles live in on-chip
+  memory; global memory holds per-token vectors and the fp32 accumulators of grad_hidden [T, H] and
+  grad_weight [V, H] plus their casts to the model dtype. The naive loss materializes fp32 logits.
+- The reference model (beta > 0) runs under no_grad before the policy's micro-batches: only its
+  weights add to the peak.
+
+measure_training_peak checks the non-GPU parts on CPU: the predicted peak sat within 2.6% of the
+measured one for SmolLM2/Qwen2 shapes, fp32 and bf16, with and without checkpointing (tests/test_plan.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+GIB = 1024**3
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+OPTIMIZERS = ("adamw", "adamw8bit")
+LOSSES = ("fused", "naive")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """memory_gib: total memory as nvidia-smi reports it (ECC on where it is on by default);
+    bf16_tflops: peak dense bf16 tensor-core TFLOP/s (fp32 accumulate, no sparsity); mem_bw_gbs: GB/s."""
+
+    name: str
+    memory_gib: float
+    bf16_tflops: float
+    mem_bw_gbs: float
+
+
+# Vendor datasheet values (NVIDIA product datasheets / architecture whitepapers). Memory in MiB as
+# nvidia-smi reports it: A40 46,068 (ECC on), A100-SXM4 40,960 / 81,920, H100 SXM 81,559,
+# L4 23,034 (ECC on), RTX 4090 24,564, RTX A6000 49,140 (ECC off; 46,068 with ECC on).
+GPUS: dict[str, GpuSpec] = {
+    "a40-48gb": GpuSpec("NVIDIA A40 48 GB", 46068 / 1024, 149.7, 696.0),
+    "a100-40gb": GpuSpec("NVIDIA A100 SXM 40 GB", 40960 / 1024, 312.0, 1555.0),
+    "a100-80gb": GpuSpec("NVIDIA A100 SXM 80 GB", 81920 / 1024, 312.0, 2039.0),
+    "h100-80gb": GpuSpec("NVIDIA H100 SXM 80 GB", 81559 / 1024, 989.0, 3350.0),
+    "l4-24gb": GpuSpec("NVIDIA L4 24 GB", 23034 / 1024, 121.0, 300.0),
+    "rtx4090-24gb": GpuSpec("NVIDIA GeForce RTX 4090 24 GB", 24564 / 1024, 165.2, 1008.0),
+    "a6000-48gb": GpuSpec("NVIDIA RTX A6000 48 GB", 49140 / 1024, 154.8, 768.0),
+}
+
+# CUDA context (~0.5 GiB with cuBLAS workspaces) plus caching-allocator fragmentation.
+CUDA_CONTEXT_GIB = 1.5
+# Gradients in flight inside one decoder layer's backward, per token, in units of dtype x hidden (the
+# layer's output gradient and the residual-branch gradient); plus, once per layer, the largest weight
+# gradient, which autograd computes as a new tensor before adding it into .grad (accumulation).
+BACKWARD_IN_FLIGHT_HIDDENS = 2
+# Fused loss, per token: logp, logsumexp, entropy and their gradients (fp32), the forward's vocabulary
+# split partials (4 fp32 per split, ~2 splits at long contexts), the GRPO loss's old/ref log-probs and
+# advantages.
+FUSED_LOSS_PER_TOKEN_BYTES = 64
+# Rollout tensors per generated token if kept on the GPU: int64 ids, fp32 old, ref and sampler
+# log-probs, fp32 advantage.
+ROLLOUT_BYTES_PER_TOKEN = 24
+# vLLM's profile run sizes its activation peak with max_num_batched_tokens prefill tokens (assumed
+# 8,192) and its sampler with max_num_seqs (256) rows of fp32 logits and probabilities.
+VLLM_PREFILL_TOKENS = 8192
+VLLM_MAX_SEQS = 256
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A Llama/Mistral/Qwen2 decoder: the sizes that decide parameters and activations."""
+
+    name: str
+    model_type: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def layer_params(self) -> int:
+        h, q, kv, i = self.hidden, self.q_dim, self.kv_dim, self.intermediate
+        attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.qkv_bias else 0) + (h if self.o_bias else 0)
+        mlp = 3 * h * i + (2 * i + h if self.mlp_bias else 0)
+        return attn + mlp + 2 * h  # + input and post-attention RMSNorm weights
+
+    def param_count(self) -> int:
+        """Embeddings + layers + final norm (+ LM head when untied)."""
+        embed = self.vocab * self.hidden
+        return embed + self.layers * self.layer_params() + self.hidden + (0 if self.tied else embed)
+
+    def param_tensor_sizes(self) -> list[int]:
+        """Element counts of every parameter tensor (AdamW8bit treats tensors under 4,096 apart)."""
+        h, q, kv, i = self.hidden, self.q_dim, self.kv_dim, self.intermediate
+        layer = [h * q, h * kv, h * kv, q * h, h * i, h * i, i * h, h, h]
+        layer += [q, kv, kv] if self.qkv_bias else []
+        layer += [h] if self.o_bias else []
+        layer += [i, i, h] if self.mlp_bias else []
+        return [self.vocab * h] + layer * self.layers + [h] + ([] if self.tied else [self.vocab * h])
+
+
+def _preset(name, model_type, hidden, inter, layers, heads, kv, vocab, tied) -> ModelShape:
+    return ModelShape(name, model_type, hidden, inter, layers, heads, kv, hidden // heads, vocab, tied,
+                      qkv_bias=model_type == "qwen2")
+
+
+PRESETS: dict[str, ModelShape] = {
+    "smollm2-135m": _preset("smollm2-135m", "llama", 576, 1536, 30, 9, 3, 49152, True),
+    "qwen2.5-0.5b": _preset("qwen2.5-0.5b", "qwen2", 896, 4864, 24, 14, 2, 151936, True),
+    "qwen2.5-1.5b": _preset("qwen2.5-1.5b", "qwen2", 1536, 8960, 28, 12, 2, 151936, True),
+    "deepseek-r1-distill-qwen-1.5b": _preset("deepseek-r1-distill-qwen-1.5b", "qwen2", 1536, 8960, 28, 12, 2,
+                                             151936, False),
+    "qwen2.5-7b": _preset("qwen2.5-7b", "qwen2", 3584, 18944, 28, 28, 4, 152064, False),
+}
+PRESETS["default"] = PRESETS["smollm2-135m"]  # fastgrpo's embedded model
+
+
+def shape_from_config(config: dict, name: str = "model") -> ModelShape:
+    """ModelShape from a Hugging Face config.json dict (llama, mistral or qwen2)."""
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"{name}: model_type {model_type!r} is not supported; "
+                         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    try:
+        hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+        kv_heads = int(config.get("num_key_value_heads") or heads)
+        attention_bias = bool(config.get("attention_bias", False))
+        return ModelShape(
+            name=name, model_type=model_type, hidden=hidden, intermediate=int(config["intermediate_size"]),
+            layers=int(config["num_hidden_layers"]), heads=heads, kv_heads=kv_heads,
+            head_dim=int(config.get("head_dim") or hidden // heads), vocab=int(config["vocab_size"]),
+            # Llama, Mistral and Qwen2 configs all default to untied embeddings.
+            tied=bool(config.get("tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2" or attention_bias,  # Qwen2 always has q/k/v biases
+            o_bias=model_type == "llama" and attention_bias,
+            mlp_bias=bool(config.get("mlp_bias", False)),
+        )
+    except KeyError as exc:
+        raise ValueError(f"{name}: config.json lacks {exc.args[0]!r}") from None
+
+
+def model_shape(name_or_dir: str | Path) -> ModelShape:
+    """A preset name (see PRESETS), a local model folder holding config.json, or a config.json path."""
+    path = Path(name_or_dir)
+    config_file = path / "config.json" if path.is_dir() else path
+    if config_file.name == "config.json" and config_file.is_file():
+        return shape_from_config(json.loads(config_file.read_text()), name=str(name_or_dir))
+    key = str(name_or_dir).lower()
+    if key in PRESETS:
+        return PRESETS[key]
+    raise ValueError(f"model {str(name_or_dir)!r} is neither a folder with config.json nor a preset; "
+                     f"presets: {', '.join(sorted(PRESETS))}")
+
+
+def get_gpu(name: str) -> GpuSpec:
+    key = name.lower()
+    if key not in GPUS:
+        raise ValueError(f"unknown GPU {name!r}; known: {', '.join(GPUS)}")
+    return GPUS[key]
+
+
+def _dtype_bytes(dtype: str, what: str = "dtype") -> int:
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"{what} {dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
+    return DTYPE_BYTES[dtype]
+
+
+# --------------------------------------------------------------------------------------------------
+# Component formulas (bytes)
+# --------------------------------------------------------------------------------------------------
+def optimizer_state_bytes(shape: ModelShape, optimizer: str, param_bytes: int) -> int:
+    """adamw: exp_avg and exp_avg_sq in the parameter dtype. adamw8bit (bitsandbytes): two uint8
+    states + one fp32 absmax per 256 elements each + two 256-entry fp32 quantization maps, and two
+    fp32 states for tensors under 4,096 elements."""
+    if optimizer == "adamw":
+        return 2 * param_bytes * shape.param_count()
+    if optimizer == "adamw8bit":
+        total = 0
+        for n in shape.param_tensor_sizes():
+            total += 8 * n if n < 4096 else 2 * n + 2 * 4 * math.ceil(n / 256) + 2 * 256 * 4
+        return total
+    raise ValueError(f"optimizer {optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+
+
+def layer_activation_bytes_per_token(shape: ModelShape, b: int) -> dict[str, int]:
+    """Bytes per token that autograd keeps for one decoder layer (Hugging Face Llama/Qwen2 block,
+    flash-attention, activation dtype of b bytes). Each entry is one saved tensor group:
+
+    - RMSNorm upcasts to fp32: ``pow`` keeps the fp32 input (4 H) and the weight multiply keeps the
+      normalized output in the model dtype (b H); in fp32 these are the input and the product.
+      Two norms per layer. The q/k/v and gate/up projections keep the norm output (the same tensor).
+    - RoPE ``q * cos + rotate_half(q) * sin`` keeps q and k and their rotated copies.
+    - Flash-attention keeps q and k after RoPE, v, its output (the o_proj input, same storage) and
+      one fp32 logsumexp per head.
+    - SwiGLU ``down(silu(gate(x)) * up(x))`` keeps gate out (silu input), silu out, up out and the
+      product (down_proj input): 4 x I.
+    Biases add nothing (addmm keeps only the input).
+    """
+    h, q, kv, i = shape.hidden, shape.q_dim, shape.kv_dim, shape.intermediate
+    return {
+        "rmsnorm_inputs_and_outputs": 2 * (4 + b) * h,
+        "rope_q_k_and_rotated": 2 * b * (q + kv),
+        "attention_q_k_v": b * (q + 2 * kv),
+        "attention_out_and_lse": b * q + 4 * shape.heads,
+        "swiglu_gate_silu_up_product": 4 * b * i,
+    }
+
+
+def activation_bytes(shape: ModelShape, tokens: int, b: int, gradient_checkpointing: bool) -> tuple[int, int]:
+    """(stored, backward working set) bytes for a micro-batch of ``tokens`` tokens.
+
+    stored: what stays alive from the end of forward to backward: every layer's saved tensors, or with
+    checkpointing only each layer's input (b H per token), plus the final norm and RoPE cos/sin.
+    backward working set: the gradients in flight in one layer's backward (per token, and the largest
+    weight gradient of the layer), plus with checkpointing the recomputed layer's saved tensors."""
+    per_layer = sum(layer_activation_bytes_per_token(shape, b).values())
+    outside_layers = (4 + b) * shape.hidden + 2 * b * shape.head_dim
+    largest_weight_grad = b * shape.hidden * max(shape.intermediate, shape.q_dim)
+    in_flight = tokens * BACKWARD_IN_FLIGHT_HIDDENS * b * shape.hidden + largest_weight_grad
+    if gradient_checkpointing:
+        return tokens * (shape.layers * b * shape.hidden + outside_layers), tokens * per_layer + in_flight
+    return tokens * (shape.layers * per_layer + outside_layers), in_flight
+
+
+def loss_working_set_bytes(loss: str, tokens: int, vocab: int, hidden: int, b: int) -> int:
+    """Peak bytes of the log-prob + loss computation, forward and backward, for T tokens.
+
+    naive: fp32 logits, the log-softmax output that autograd keeps, and its gradient: T x V x 12;
+      later in backward the fp32 logit gradient (+ its cast to a 16-bit dtype) with grad_hidden [T, H]
+      and the LM-head weight gradient [V, H], whichever is larger.
+    fused: no T x V tensor; fp32 grad_hidden [T, H] and grad_weight [V, H] accumulators plus their casts
+      to the model dtype, and FUSED_LOSS_PER_TOKEN_BYTES per token."""
+    if loss == "naive":
+        cast = b if b < 4 else 0
+        return max(12 * tokens * vocab, (4 + cast) * tokens * vocab + b * (tokens + vocab) * hidden)
+    if loss == "fused":
+        return (4 + b) * (tokens + vocab) * hidden + FUSED_LOSS_PER_TOKEN_BYTES * tokens
+    raise ValueError(f"loss {loss!r} is not one of {', '.join(LOSSES)}")
+
+
+def kv_bytes_per_token(shape: ModelShape, engine_bytes: int = 2) -> int:
+    """K and V of every layer: 2 x layers x kv_heads x head_dim x dtype bytes."""
+    return 2 * shape.layers * shape.kv_heads * shape.head_dim * engine_bytes
+
+
+def vllm_runtime_bytes(shape: ModelShape, engine_bytes: int = 2) -> int:
+    """vLLM's non-KV working memory: one prefill chunk's activations (hidden, q/k/v, gate and up) and
+    the sampler's fp32 logits and probabilities for VLLM_MAX_SEQS rows."""
+    per_token = engine_bytes * (3 * shape.hidden + shape.q_dim + 2 * shape.kv_dim + 2 * shape.intermediate)
+    return VLLM_PREFILL_TOKENS * per_token + VLLM_MAX_SEQS * shape.vocab * 4 * 2
+
+
+# --------------------------------------------------------------------------------------------------
+# The plan
+# --------------------------------------------------------------------------------------------------
+LABELS = {
+    "policy_weights": "policy weights",
+    "gradients": "gradients",
+    "optimizer_states": "optimizer states",
+    "reference_weights": "reference model weights (beta > 0)",
+    "rollout_tensors": "rollout tensors (ids, log-probs, advantages)",
+    "activations_stored": "activations kept for backward",
+    "activations_backward": "one layer's backward (recomputed layer, gradients in flight, tied LM-head grad)",
+    "loss_working_set": "log-prob/loss working set",
+    "embedding_gradients": "embedding backward (tied: LM-head + embedding grads + sum)",
+    "weight_sync_copy": "weight-sync copy in the engine dtype",
+    "not_simultaneous": "not simultaneous (peaks at different times)",
+    "vllm_weights": "vLLM weights",
+    "vllm_runtime": "vLLM activations + sampler",
+    "vllm_kv_cache": "vLLM KV cache",
+    "cuda_context": "CUDA context + fragmentation allowance",
+}
+
+
+@dataclass
+class MemoryPlan:
+    """components: bytes per LABELS key; they sum to total_bytes (the "not_simultaneous" entry is the
+    negative credit for phases that peak at different times). max_micro_batch_tokens: the largest
+    micro-batch that fits for each loss ("naive", "fused"), all else equal."""
+
+    model: ModelShape
+    gpu: GpuSpec
+    settings: dict
+    param_count: int
+    components: dict[str, int]
+    total_bytes: int
+    capacity_bytes: int
+    fits: bool
+    reasons: list[str]
+    max_micro_batch_tokens: dict[str, int]
+    kv_cache_tokens: int | None = None
+    concurrent_sequences: int | None = None
+    rollout_sequences: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_gib(self) -> float:
+        return self.total_bytes / GIB
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["components_gib"] = {k: round(v / GIB, 3) for k, v in self.components.items()}
+        out["total_gib"] = round(self.total_gib, 3)
+        out["capacity_gib"] = round(self.capacity_bytes / GIB, 3)
+        return out
+
+
+def _peak_bytes(shape, tokens, *, b, gradient_checkpointing, loss, engine_bytes) -> dict[str, int]:
+    """The micro-batch-dependent components, with the negative credit that makes them sum to the peak.
+
+    Four phases peak one after another: the loss (stored activations + loss working set), each layer's
+    backward (stored + one layer's working set), the embedding's backward, and the weight sync. With
+    tied embeddings autograd holds the LM-head's weight gradient [V, H] from the loss until the
+    embedding's arrives, then sums the two into a third tensor before adding it into .grad (measured
+    on CPU: this end-of-backward peak of 3 x V x H was the whole micro-batch peak of SmolLM2 widths with
+    checkpointing at 256 tokens)."""
+    stored, backward = activation_bytes(shape, tokens, b, gradient_checkpointing)
+    lm_head_grad = shape.vocab * shape.hidden * b
+    if shape.tied:
+        backward += lm_head_grad
+    loss_ws = loss_working_set_bytes(loss, tokens, shape.vocab, shape.hidden, b)
+    embedding = (3 if shape.tied else 1) * lm_head_grad + tokens * shape.hidden * b
+    # Before vLLM reloads weights the trainer casts its state dict when the dtypes differ (a new tensor
+    # per parameter); this happens after the optimizer step, with no activations alive.
+    sync = shape.param_count() * engine_bytes if engine_bytes != b else 0
+    step_peak = max(stored + max(loss_ws, backward), embedding, sync)
+    parts = {"activations_stored": stored, "activations_backward": backward, "loss_working_set": loss_ws,
+             "embedding_gradients": embedding, "weight_sync_copy": sync}
+    parts["not_simultaneous"] = step_peak - sum(parts.values())
+    return parts
+
+
+def plan_memory(shape: ModelShape, gpu: GpuSpec | str, *, max_len: int, group: int = 8, prompts_per_step: int = 8,
+                dtype: str = "bfloat16", optimizer: str = "adamw", gradient_checkpointing: bool = False,
+                loss: str = "fused", beta: float = 0.0, vllm_share: float = 0.3, micro_batch_tokens: int | None = None,
+                vllm_dtype: str = "bfloat16", cuda_context_gib: float = CUDA_CONTEXT_GIB) -> MemoryPlan:
+    """Peak GPU memory of one GRPO training step with a colocated vLLM engine.
+
+    max_len: longest sequence (prompt + completion) in tokens; micro_batch_tokens: packed tokens per
+    micro-batch (default max_len; it must hold one sequence of max_len). vllm_share: the fraction of
+    the GPU's memory given to vLLM (0: no engine on this GPU)."""
+    gpu = get_gpu(gpu) if isinstance(gpu, str) else gpu
+    b = _dtype_bytes(dtype)
+    engine_bytes = _dtype_bytes(vllm_dtype, "vllm_dtype")
+    loss_working_set_bytes(loss, 1, 1, 1, b)  # raises on an unknown loss before any other work
+    for label, value in (("max_len", max_len), ("group", group), ("prompts_per_step", prompts_per_step)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{label} must be a positive integer, got {value!r}")
+    if not 0.0 <= vllm_share < 1.0:
+        raise ValueError(f"vllm_share must be in [0, 1), got {vllm_share}")
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    tokens = max_len if micro_batch_tokens is None else micro_batch_tokens
+    if tokens < max_len:
+        raise ValueError(f"micro_batch_tokens={tokens} cannot hold one sequence of max_len={max_len}")
+
+    n_params = shape.param_count()
+    capacity = int(gpu.memory_gib * GIB)
+    rollout_sequences = prompts_per_step * group
+    fixed = {
+        "policy_weights": n_params * b,
+        "gradients": n_params * b,
+        "optimizer_states": optimizer_state_bytes(shape, optimizer, b),
+        "reference_weights": n_params * b if beta > 0 else 0,
+        "rollout_tensors": rollout_sequences * max_len * ROLLOUT_BYTES_PER_TOKEN,
+    }
+    reasons, notes = [], []
+    kv_tokens = concurrent = None
+    vllm = {}
+    if vllm_share > 0:
+        reserved = int(vllm_share * capacity)
+        vllm = {"vllm_weights": n_params * engine_bytes, "vllm_runtime": vllm_runtime_bytes(shape, engine_bytes)}
+        vllm["vllm_kv_cache"] = reserved - vllm["vllm_weights"] - vllm["vllm_runtime"]
+        kv_tokens = max(0, vllm["vllm_kv_cache"]) // kv_bytes_per_token(shape, engine_bytes)
+        concurrent = kv_tokens // max_len
+        if concurrent < 1:
+            reasons.append(f"vLLM's share ({vllm_share:.2f} x {gpu.memory_gib:.1f} GiB) leaves room for "
+                           f"{kv_tokens} KV tokens, less than one sequence of {max_len}: raise the share")
+        elif concurrent < rollout_sequences:
+            notes.append(f"vLLM holds {concurrent} of the {rollout_sequences} rollout sequences at full length "
+                         "at once; the rest wait (generation is slower, not out of memory)")
+    fixed.update(vllm)
+    fixed["cuda_context"] = int(cuda_context_gib * GIB)
+
+    def peak_parts(t: int, which_loss: str) -> dict[str, int]:
+        return _peak_bytes(shape, t, b=b, gradient_checkpointing=gradient_checkpointing, loss=which_loss,
+                           engine_bytes=engine_bytes if vllm_share > 0 else b)
+
+    parts = peak_parts(tokens, loss)
+    total = sum(fixed.values()) + sum(parts.values())
+    components = {**{k: v for k, v in fixed.items() if not k.startswith("vllm") and k != "cuda_context"},
+                  **parts, **vllm, "cuda_context": fixed["cuda_context"]}
+    if total > capacity:
+        reasons.insert(0, f"total {total / GIB:.2f} GiB > {gpu.memory_gib:.2f} GiB")
+    room = capacity - sum(fixed.values())
+    max_tokens = {name: _largest_fitting(lambda t, n=name: sum(peak_parts(t, n).values()), room) for name in LOSSES}
+    if max_tokens[loss] < max_len:
+        notes.append(f"the largest micro-batch ({max_tokens[loss]} tokens) is shorter than max_len={max_len}")
+    settings = dict(max_len=max_len, group=group, prompts_per_step=prompts_per_step, dtype=dtype,
+                    optimizer=optimizer, gradient_checkpointing=gradient_checkpointing, loss=loss, beta=beta,
+                    vllm_share=vllm_share, vllm_dtype=vllm_dtype, micro_batch_tokens=tokens,
+                    cuda_context_gib=cuda_context_gib)
+    return MemoryPlan(model=shape, gpu=gpu, settings=settings, param_count=n_params, components=components,
+                      total_bytes=total, capacity_bytes=capacity, fits=not reasons, reasons=reasons,
+                      max_micro_batch_tokens=max_tokens, kv_cache_tokens=kv_tokens, concurrent_sequences=concurrent,
+                      rollout_sequences=rollout_sequences, notes=notes)
+
+
+def _largest_fitting(total_for_tokens, capacity: int) -> int:
+    """Largest T >= 0 with total_for_tokens(T) <= capacity (the total grows with T); 0 if none."""
+    if total_for_tokens(1) > capacity:
+        return 0
+    lo, hi = 1, 2
+    while total_for_tokens(hi) <= capacity:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if total_for_tokens(mid) <= capacity else (lo, mid)
+    return lo
+
+
+# --------------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------------
+def format_plan(plan: MemoryPlan) -> str:
+    """The plan as a markdown table (component, GiB), the verdict and the largest micro-batches."""
+    s = plan.settings
+    ckpt = "on" if s["gradient_checkpointing"] else "off"
+    lines = [
+        f"## Memory plan: {plan.model.name} ({plan.param_count / 1e9:.3f}B parameters) on {plan.gpu.name}",
+        "",
+        f"max_len {s['max_len']}, group {s['group']} x {s['prompts_per_step']} prompts = {plan.rollout_sequences} "
+        f"sequences/step, micro-batch {s['micro_batch_tokens']} tokens, {s['dtype']}, {s['optimizer']}, "
+        f"gradient checkpointing {ckpt}, loss {s['loss']}, beta {s['beta']}, vLLM share {s['vllm_share']}",
+        "",
+        "| component | GiB |",
+        "|---|---:|",
+    ]
+    lines += [f"| {LABELS[k]} | {v / GIB:.2f} |" for k, v in plan.components.items() if v != 0]
+    lines += [f"| **total** | **{plan.total_gib:.2f}** |", f"| GPU memory | {plan.capacity_bytes / GIB:.2f} |", ""]
+    verdict = "FITS" if plan.fits else "DOES NOT FIT"
+    lines.append(f"**{verdict}**" + ("" if plan.fits else ": " + "; ".join(plan.reasons)))
+    if plan.kv_cache_tokens is not None:
+        lines.append(f"vLLM KV cache: {plan.kv_cache_tokens:,} tokens = {plan.concurrent_sequences} concurrent "
+                     f"sequences of {s['max_len']} tokens")
+    mx = plan.max_micro_batch_tokens
+    lines.append(f"largest micro-batch that fits: fused loss {mx['fused']:,} tokens | "
+                 f"naive loss {mx['naive']:,} tokens")
+    lines += [f"note: {n}" for n in plan.notes]
+    return "\n".join(lines)
+
+
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``fastgrpo plan``; defaults of shared knobs come from fastgrpo.config."""
+    from fastgrpo.config import LossConfig, RolloutConfig, TrainConfig
+
+    parser.add_argument("--model", required=True,
+                        help=f"a local model folder with config.json, or a preset: {', '.join(PRESETS)}")
+    parser.add_argument("--gpu", default="a40-48gb", help=f"one of {', '.join(GPUS)} (default a40-48gb)")
+    parser.add_argument("--max-len", type=int, required=True, help="longest sequence, prompt + completion, in tokens")
+    parser.add_argument("--group", type=int, default=RolloutConfig.num_generations, help="samples per prompt (G)")
+    parser.add_argument("--prompts-per-step", type=int, default=RolloutConfig.prompts_per_step)
+    parser.add_argument("--dtype", default="bfloat16", choices=tuple(DTYPE_BYTES), help="training dtype")
+    parser.add_argument("--optimizer", default=TrainConfig.optimizer, choices=OPTIMIZERS)
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--loss", default="fused", choices=LOSSES, help="which loss the verdict uses")
+    parser.add_argument("--beta", type=float, default=LossConfig.beta, help="KL weight; > 0 adds a reference model")
+    parser.add_argument("--vllm-memory-share", type=float, default=RolloutConfig.gpu_memory_utilization,
+                        help="fraction of GPU memory for the colocated vLLM engine (0: none)")
+    parser.add_argument("--vllm-dtype", default=RolloutConfig.dtype, choices=tuple(DTYPE_BYTES))
+    parser.add_argument("--micro-batch-tokens", type=int, default=None,
+                        help="packed tokens per micro-batch (default: --max-len)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """Print the plan; 0 if it fits, 1 if it does not, 2 on a bad argument."""
+    import sys
+
+    try:
+        plan = plan_memory(model_shape(args.model), args.gpu, max_len=args.max_len, group=args.group,
+                           prompts_per_step=args.prompts_per_step, dtype=args.dtype, optimizer=args.optimizer,
+                           gradient_checkpointing=args.gradient_checkpointing, loss=args.loss, beta=args.beta,
+                           vllm_share=args.vllm_memory_share, micro_batch_tokens=args.micro_batch_tokens,
+                           vllm_dtype=args.vllm_dtype)
+    except ValueError as exc:
+        print(f"fastgrpo plan: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan.to_dict(), indent=1) if args.json else format_plan(plan))
+    return 0 if plan.fits else 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation: a measured training peak on CPU
+# --------------------------------------------------------------------------------------------------
+def _profiled_peak_delta(fn) -> int:
+    """Run fn under torch.profiler's memory tracking; the largest net CPU allocation (bytes) above the
+    allocations alive when it started. The allocator's running total is exact, unlike RSS."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    peak, stack = 0, list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        if event.tag == _EventType.Allocation:
+            peak = max(peak, event.extra_fields.total_allocated)
+        stack.extend(event.children)
+    return peak
+
+
+def measure_training_peak(shape: ModelShape, tokens: int, *, dtype: str = "float32",
+                          gradient_checkpointing: bool = False, seed: int = 0) -> dict[str, int]:
+    """Measured CPU peak (bytes) of one GRPO-like micro-batch of ``tokens`` tokens for a randomly
+    initialized Hugging Face model of ``shape``: forward, naive log-probs (log_softmax + gather of the
+    full logits), a policy-gradient loss, backward and a (fused) AdamW step, in the steady state of
+    gradient accumulation (gradients and AdamW states already exist from a first micro-batch).
+
+    Returns {"persistent": weights + gradients + optimizer states + inputs, "step": the largest
+    allocation above them during the micro-batch and the step, "peak": their sum}."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    torch_dtype = getattr(torch, dtype)
+    config = AutoConfig.for_model(
+        shape.model_type, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+        head_dim=shape.head_dim, vocab_size=shape.vocab, tie_word_embeddings=shape.tied, use_cache=False,
+        attention_bias=shape.o_bias, mlp_bias=shape.mlp_bias,  # Llama's flags; Qwen2's q/k/v biases are built in
+        attn_implementation="sdpa")  # one sequence, no mask: SDPA's CPU flash kernel
+    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as load_policy
+    model.train()
+    # fused=True: no foreach temporaries the size of the parameters, as with fused AdamW on a GPU.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
+    input_ids = torch.randint(0, shape.vocab, (1, tokens))
+    advantages = torch.randn(1, tokens - 1)
+
+    def micro_batch_and_step():
+        logits = model(input_ids=input_ids, use_cache=False).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, input_ids[:, 1:, None])[..., 0]
+        del logits
+        (-(logp * advantages).mean()).backward()
+        optimizer.step()
+
+    micro_batch_and_step()  # creates the gradients and AdamW states
+    params = list(model.parameters())
+    states = [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    alive = params + [p.grad for p in params] + states + [input_ids, advantages]
+    persistent = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in alive}.values())
+    step = _profiled_peak_delta(micro_batch_and_step)
+    return {"persistent": persistent, "step": step, "peak": persistent + step}
+
+
+def predicted_training_peak(shape: ModelShape, tokens: int, *, dtype: str = "float32",
+                            gradient_checkpointing: bool = False) -> dict[str, int]:
+    """plan_memory's numbers for measure_training_peak's setting: naive loss, AdamW, no vLLM, no CUDA
+    context, one sequence of ``tokens`` tokens."""
+    plan = plan_memory(shape, GpuSpec("host", 1e6, 0.0, 0.0), max_len=tokens, group=1, prompts_per_step=1,
+                       dtype=dtype, optimizer="adamw", gradient_checkpointing=gradient_checkpointing, loss="naive",
+                       beta=0.0, vllm_share=0.0, cuda_context_gib=0.0)
+    persistent = sum(plan.components[k] for k in ("policy_weights", "gradients", "optimizer_states"))
+    return {"persistent": persistent, "step": plan.total_bytes - persistent, "peak": plan.total_bytes}
