@@ -20,8 +20,12 @@ def test_defaults_and_overrides():
     assert cfg.model == Config().model  # untouched sections keep their defaults
 
 
-def test_int_is_accepted_for_float():
+def test_int_and_exponent_forms_are_accepted_for_float():
     assert load_config(None, ["train.learning_rate=1"]).train.learning_rate == 1.0
+    # YAML 1.1 reads "1e-6" as a string; a user writing it means the number
+    assert load_config(None, ["train.learning_rate=1e-6"]).train.learning_rate == 1e-6
+    with pytest.raises(ConfigError, match="train.learning_rate: expected a number, got 'fast'"):
+        load_config(None, ["train.learning_rate=fast"])
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,273 @@
+"""The GRPO loop, top to bottom: rollout -> reward -> advantage -> pack -> log-probs -> loss -> step
+-> sync -> log -> checkpoint.
+
+Algorithm choices, each a config key (fastgrpo/config.py holds every default):
+- rollout: ``rollout.num_generations`` (G) samples for each of ``rollout.prompts_per_step`` prompts,
+  from an in-process vLLM engine (``rollout.engine``) that keeps the sampler's log-probs;
+- reward: a weighted sum of registered rewards (``rewards: {accuracy: 1.0, format: 0.5}``);
+- advantage: group-relative, ``(r - mean) / std`` with the std of the group, of the batch, or none
+  (``loss.scale_rewards``), one value per completion;
+- objective: the clipped ratio with ``loss.epsilon_low/high``, k3 KL to a frozen reference when
+  ``loss.beta > 0`` (no reference model is loaded otherwise), aggregated by ``loss.loss_type``;
+- ``train.num_iterations`` optimizer passes over one rollout; log-probs before the first pass are
+  the "old" ones (with one pass, the ratio is 1 and only its gradient matters);
+- sequences are packed without padding into micro-batches of at most
+  ``train.max_tokens_per_microbatch`` tokens; each micro-batch's loss is normalized over the whole
+  batch, so accumulating gradients gives the gradient of the global loss;
+- log-probs come from final hidden states and the LM-head weight through the fused kernel: the
+  [tokens x vocab] logits are never built.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from fastgrpo import checkpoint as ckpt
+from fastgrpo.config import Config, to_dict
+from fastgrpo.data import PromptSampler, build_messages, encode_prompt, load_task
+from fastgrpo.eval import evaluate
+from fastgrpo.kernels import grpo_token_loss
+from fastgrpo.loss import group_advantages
+from fastgrpo.metrics import MetricsLogger
+from fastgrpo.attention import set_attention_backend
+from fastgrpo.model import (apply_liger_patches, load_policy, load_reference, load_tokenizer, packed_token_logprobs,
+                            resolve_model_path)
+from fastgrpo.optim import build_optimizer, build_scheduler
+from fastgrpo.packing import pack_sequences, plan_microbatches
+from fastgrpo.rewards import compute_rewards, get_reward
+from fastgrpo.rollout import make_engine
+
+log = logging.getLogger("fastgrpo")
+
+
+@dataclass
+class Rollout:
+    """One step's samples, flattened: sequence i is ``prompts[prompt_index[i]] + completions[i]``."""
+
+    prompts: list[list[int]]
+    prompt_index: list[int]
+    completions: list[list[int]]
+    sampler_logprobs: list[list[float]]
+    advantages: torch.Tensor  # [B*G] float32
+
+    def sequences(self, idx: list[int]) -> tuple[list[list[int]], list[list[int]]]:
+        return [self.prompts[self.prompt_index[i]] for i in idx], [self.completions[i] for i in idx]
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
+    """Run GRPO as configured; return the final metrics (held-out accuracy before/after included)."""
+    out = Path(cfg.log.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    for name in cfg.rewards:
+        get_reward(name)  # unknown reward names fail now, before any model loads
+    train_problems, eval_problems = load_task(cfg.data, seed=cfg.train.seed)
+    device = pick_device()
+
+    model_dir = resolve_model_path(cfg.model.path, cfg.model.cache_dir)
+    start = latest = ckpt.latest_checkpoint(out) if resume else None
+    if resume and latest is None:
+        raise FileNotFoundError(f"--resume: no complete checkpoint-<step> folder in {out}")
+    tokenizer = load_tokenizer(model_dir)
+    dtype = getattr(torch, cfg.model.dtype)
+    set_attention_backend(cfg.model.attention)
+    policy = load_policy(latest or model_dir, dtype=dtype, device=device,
+                         gradient_checkpointing=cfg.model.gradient_checkpointing)
+    if cfg.model.liger:
+        apply_liger_patches(policy)
+    reference = load_reference(model_dir, dtype=dtype, device=device) if cfg.loss.beta > 0 else None
+    optimizer = build_optimizer(policy.parameters(), cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train)
+    sampler = PromptSampler(train_problems, cfg.rollout.prompts_per_step, seed=cfg.train.seed)
+    first_step = 1
+    if start is not None:
+        state = ckpt.load_training_state(start, optimizer, scheduler)
+        sampler.load_state_dict(state["sampler"])
+        first_step = state["step"] + 1
+        log.info("resumed from %s at step %d", start, state["step"])
+
+    def prompt_ids_of(problems: list[dict]) -> list[list[int]]:
+        return [encode_prompt(tokenizer, build_messages(p["problem"], cfg.data.template, cfg.data.one_shot)) for p in problems]
+
+    longest_prompt = max(len(ids) for ids in prompt_ids_of(train_problems[:256] + eval_problems[:256]))
+    engine = make_engine(
+        cfg.rollout.engine, model_path=str(latest or model_dir), model=policy, tokenizer=tokenizer,
+        dtype=cfg.rollout.dtype, seed=cfg.train.seed,
+        max_model_len=cfg.rollout.max_model_len or longest_prompt + 64 + max(cfg.rollout.max_completion_length, cfg.eval.max_completion_length or 0),
+        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+        enable_sleep_mode=cfg.rollout.enable_sleep_mode, cpu_kvcache_gb=cfg.rollout.cpu_kvcache_gb,
+    )
+    logger = MetricsLogger(out, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb, config=to_dict(cfg))
+    summary: dict[str, Any] = {}
+    try:
+        if cfg.eval.before_and_after and start is None:
+            summary["eval_before"] = run_eval(engine, tokenizer, eval_problems, cfg, step=0, logger=logger, tag="before")
+
+        bar = tqdm(range(first_step, cfg.train.max_steps + 1), desc="GRPO", unit="step", dynamic_ncols=True)
+        for step in bar:
+            t_step = time.perf_counter()
+            problems = next(sampler)
+
+            # 1. rollout: G completions per prompt, with the sampler's log-probs
+            prompts = prompt_ids_of(problems)
+            t0 = time.perf_counter()
+            samples = engine.generate(prompts, n=cfg.rollout.num_generations, max_tokens=cfg.rollout.max_completion_length,
+                                      temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seed=cfg.train.seed * 100_003 + step)
+            rollout_s = time.perf_counter() - t0
+
+            # 2. reward and 3. group-relative advantage
+            texts = [s.text for s in samples]
+            answers = [problems[s.prompt_index]["answer"] for s in samples]
+            rewards, per_reward = compute_rewards(cfg.rewards, texts, answers)
+            reward_t = torch.tensor(rewards, dtype=torch.float32)
+            rollout = Rollout(prompts, [s.prompt_index for s in samples], [s.token_ids for s in samples],
+                              [s.logprobs for s in samples],
+                              group_advantages(reward_t, cfg.rollout.num_generations, cfg.loss.scale_rewards))
+
+            # 4.-6. pack, log-probs, loss, optimizer step(s)
+            engine.sleep()
+            t0 = time.perf_counter()
+            stats = grpo_update(policy, reference, optimizer, rollout, cfg, device)
+            scheduler.step()
+            train_s = time.perf_counter() - t0
+            engine.wake_up()
+
+            # 7. the rollout engine gets the new weights in place
+            sync_s = engine.sync_weights(policy)
+
+            # 8. log
+            n_tokens = sum(len(c) for c in rollout.completions)
+            step_s = time.perf_counter() - t_step
+            record = {
+                "step": step,
+                "reward_mean": reward_t.mean().item(),
+                "reward_std": reward_t.std().item(),
+                **{f"reward_{k}": sum(v) / len(v) for k, v in per_reward.items()},
+                "accuracy": _mean(per_reward.get("accuracy")),
+                "format_rate": _mean(per_reward.get("format")),
+                "completion_len_mean": n_tokens / len(rollout.completions),
+                "truncated_frac": sum(s.finish_reason == "length" for s in samples) / len(samples),
+                **stats,
+                "lr": scheduler.get_last_lr()[0],
+                "rollout_s": rollout_s, "train_s": train_s, "sync_s": sync_s, "step_s": step_s,
+                "completion_tokens": n_tokens,
+                "tokens_per_s": n_tokens / step_s,
+            }
+            if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and step != cfg.train.max_steps:
+                record.update(run_eval(engine, tokenizer, eval_problems, cfg, step=step, logger=None, tag="during"))
+            logger.log(record)
+            bar.set_postfix(reward=f"{record['reward_mean']:.3f}", acc=f"{record['accuracy']:.2f}",
+                            step_s=f"{step_s:.1f}", sync_s=f"{sync_s:.2f}")
+
+            # 9. checkpoint
+            if step % cfg.log.checkpoint_every == 0 or step == cfg.train.max_steps:
+                ckpt.save_checkpoint(out, step, policy, tokenizer, optimizer, scheduler,
+                                     {"sampler": sampler.state_dict(), "config": to_dict(cfg)}, keep_last=cfg.log.keep_last)
+
+        if cfg.eval.before_and_after:
+            summary["eval_after"] = run_eval(engine, tokenizer, eval_problems, cfg, step=cfg.train.max_steps, logger=logger, tag="after")
+    finally:
+        logger.close()
+        engine.close()
+    return summary
+
+
+def grpo_update(policy, reference, optimizer, rollout: Rollout, cfg: Config, device: torch.device) -> dict[str, float]:
+    """``train.num_iterations`` optimizer steps on one rollout; returns the step's training metrics."""
+    lengths = [len(rollout.prompts[p]) + len(c) for p, c in zip(rollout.prompt_index, rollout.completions)]
+    plans = plan_microbatches(lengths, cfg.train.max_tokens_per_microbatch)
+    batches = [pack_sequences(*rollout.sequences(idx)).to(device) for idx in plans]
+    temperature = cfg.rollout.temperature
+    n_seqs = len(lengths)
+    n_tokens = sum(len(c) for c in rollout.completions)
+    lo = cfg.loss
+
+    # Log-probs that stay fixed over the passes: the reference's (beta > 0) and the "old" policy's
+    # (only needed when more than one pass reuses the rollout; with one pass old == current).
+    with torch.no_grad():
+        ref_logps = [packed_token_logprobs(reference, b, temperature) for b in batches] if reference is not None else None
+        old_logps = [packed_token_logprobs(policy, b, temperature) for b in batches] if cfg.train.num_iterations > 1 else None
+
+    stats: dict[str, float] = {}
+    for it in range(cfg.train.num_iterations):
+        optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        mismatch_sum, entropy_sum, loss_total = 0.0, 0.0, 0.0
+        for k, (idx, batch) in enumerate(zip(plans, batches)):
+            logp, entropy = packed_token_logprobs(policy, batch, temperature, return_entropy=True)
+            loss, metrics = grpo_token_loss(
+                logp, old_logps[k] if old_logps else None, ref_logps[k] if ref_logps else None,
+                rollout.advantages[idx].to(device), batch.completion_cu_seqlens,
+                loss_type=lo.loss_type, epsilon_low=lo.epsilon_low, epsilon_high=lo.epsilon_high, beta=lo.beta,
+                max_completion_length=cfg.rollout.max_completion_length,
+                num_sequences=n_seqs, num_tokens=n_tokens, num_microbatches=len(plans),
+            )
+            loss.backward()
+            loss_total += loss.item()
+            _accumulate(sums, metrics, weight=batch.targets.numel())
+            entropy_sum += entropy.detach().float().sum().item()
+            if it == 0:
+                # The rollout was sampled with exactly these weights: any gap is sync or numerics.
+                sampler_lp = torch.tensor([x for i in idx for x in rollout.sampler_logprobs[i]], dtype=torch.float32)
+                mismatch_sum += (logp.detach().float().cpu() - sampler_lp).abs().sum().item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.train.max_grad_norm).item()
+        if math.isfinite(grad_norm) and math.isfinite(loss_total):
+            optimizer.step()
+            stats["skipped_steps"] = stats.get("skipped_steps", 0.0)
+        else:
+            log.warning("non-finite loss (%s) or grad norm (%s): update skipped", loss_total, grad_norm)
+            stats["skipped_steps"] = stats.get("skipped_steps", 0.0) + 1
+        if it == 0:
+            denom = max(1, n_tokens)
+            stats.update({name: (v / denom if _is_mean(name) else v) for name, v in sums.items()})
+            stats.update(loss=loss_total, grad_norm=grad_norm, entropy_mean=entropy_sum / denom,
+                         logprob_mismatch=mismatch_sum / denom)
+    optimizer.zero_grad(set_to_none=True)
+    return stats
+
+
+def run_eval(engine, tokenizer, problems, cfg: Config, *, step: int, logger: MetricsLogger | None, tag: str) -> dict[str, float]:
+    """Held-out accuracy with the engine's current weights; logged as ``eval_*`` metrics."""
+    t0 = time.perf_counter()
+    result = evaluate(engine, tokenizer, problems, samples=cfg.eval.samples,
+                      max_tokens=cfg.eval.max_completion_length or cfg.rollout.max_completion_length,
+                      temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, template=cfg.data.template,
+                      one_shot=cfg.data.one_shot, seed=cfg.train.seed)
+    metrics = {f"eval_{k}": v for k, v in result.items() if isinstance(v, (int, float))}
+    metrics["eval_s"] = time.perf_counter() - t0
+    log.info("held-out accuracy %s step %d: %s", tag, step, {k: round(v, 4) for k, v in metrics.items()})
+    if logger is not None:
+        logger.log({"step": step, "eval": tag, **metrics})
+    return metrics
+
+
+def _is_mean(name: str) -> bool:
+    return not (name.endswith("_max") or name.endswith("_min"))
+
+
+def _accumulate(sums: dict[str, float], metrics: dict[str, float], weight: int) -> None:
+    """Token-weighted sums of a micro-batch's mean metrics; running max/min of the extremes."""
+    for name, value in metrics.items():
+        if _is_mean(name):
+            sums[name] = sums.get(name, 0.0) + value * weight
+        else:
+            pick = max if name.endswith("_max") else min
+            sums[name] = pick(sums.get(name, value), value)
+
+
+def _mean(values: list[float] | None) -> float:
+    return sum(values) / len(values) if values else float("nan")
