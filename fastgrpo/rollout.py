@@ -337,6 +337,9 @@ def _configure_vllm_environment(*, on_gpu: bool, cpu_kvcache_gb: float) -> int |
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if on_gpu:
         return None
+    # The engine shares this process with training: without OMP_NUM_THREADS, vLLM's CPU backend
+    # drops torch to 1 thread "for serving", which halved the trainer's fwd+bwd on 2 cores.
+    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
     if isinstance(cpu_kvcache_gb, bool) or not isinstance(cpu_kvcache_gb, (int, float)) or not cpu_kvcache_gb > 0:
         raise ValueError(f"cpu_kvcache_gb must be a number of GiB > 0, got {cpu_kvcache_gb!r}")
     if "VLLM_CPU_KVCACHE_SPACE" in os.environ:

@@ -1,0 +1,537 @@
+"""Prove the GPU path without a GPU: compile every Triton kernel ahead of time for sm_80/86/90, read
+its registers, spills and shared memory, and predict kernel times from a roofline.
+
+    from fastgrpo.kernels.aot import iter_kernel_variants, compile_kernel, occupancy, TARGETS
+    for v in iter_kernel_variants():
+        info = compile_kernel(v.name, v.config, v.dtype, 86)   # CompiledInfo; raises on a compile error
+        occupancy(info, TARGETS[86])                            # Occupancy(blocks, warps per SM, limiter)
+
+    from fastgrpo.kernels.aot import GPUS, SHAPES, predict_logprob
+    predict_logprob(SHAPES["qwen2-1.5b"], GPUS["H100"])        # {"fused": Prediction, "naive": Prediction}
+
+A tool for tests, `profiling/kernel_report.py` and the benchmarks: no training code path imports it,
+and it imports Triton's compiler only when it compiles.
+
+Registers and spills without a GPU: Triton 3.9 fills `CompiledKernel.n_regs` / `n_spills` only when
+it loads the cubin through the CUDA driver (`cuFuncGetAttribute`), and its own `ptxas -v` log is
+deleted after compilation. So this module runs the ptxas that Triton uses (the one shipped in
+triton/backends/nvidia/bin: 12.9 for sm_80/86, "ptxas-blackwell" 13.4 for sm_90) with Triton's flags
+on Triton's PTX, parses "Used N registers", "bytes spill stores/loads" and "bytes smem", and checks that
+the cubin it produced is byte-identical to Triton's (`CompiledInfo.same_binary`): the numbers then
+describe the binary that a GPU would load. Dynamic shared memory is Triton's `metadata.shared`.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping
+
+# Modules whose `triton_configs()` list every launch their dispatcher can choose. A new module with
+# Triton kernels must be added here (tests/kernels/test_compile.py fails when a kernel is missing).
+KERNEL_MODULES = ("logprob", "grpo_loss")
+DTYPES = ("bf16", "fp16", "fp32")
+# Keys of a config that are Triton compile options, not constexprs (maxnreg caps registers per thread).
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")
+
+
+# --------------------------------------------------------------------------------------------------
+# Compile targets and GPUs
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TargetSpec:
+    """Per-SM limits of one compute capability.
+
+    From the CUDA C++ Programming Guide, "Compute Capabilities", table "Technical Specifications per
+    Compute Capability" (8.0 / 8.6 / 9.0): max shared memory per block (opt-in) 163 / 99 / 227 KB,
+    per SM 164 / 100 / 228 KB, resident warps per SM 64 / 48 / 64, resident blocks per SM 32 / 16 /
+    32, 64K 32-bit registers per SM, 255 per thread. The driver reserves 1 KB of shared memory per
+    block (cudaDevAttrReservedSharedMemoryPerBlock) and allocates registers per warp in units of 256
+    (the CUDA occupancy calculator's "register allocation unit size").
+    """
+
+    cc: int
+    max_smem_per_block: int
+    smem_per_sm: int
+    max_warps_per_sm: int
+    max_blocks_per_sm: int
+    regs_per_sm: int = 65536
+    reserved_smem_per_block: int = 1024
+    reg_alloc_unit: int = 256
+    max_threads_per_block: int = 1024
+
+
+KB = 1024
+TARGETS: dict[int, TargetSpec] = {
+    80: TargetSpec(80, max_smem_per_block=163 * KB, smem_per_sm=164 * KB, max_warps_per_sm=64, max_blocks_per_sm=32),
+    86: TargetSpec(86, max_smem_per_block=99 * KB, smem_per_sm=100 * KB, max_warps_per_sm=48, max_blocks_per_sm=16),
+    90: TargetSpec(90, max_smem_per_block=227 * KB, smem_per_sm=228 * KB, max_warps_per_sm=64, max_blocks_per_sm=32),
+}
+
+
+@dataclass(frozen=True)
+class GPU:
+    """Published peaks: dense bf16 tensor-core FLOP/s (no sparsity), HBM/GDDR bandwidth, L2, SMs.
+
+    NVIDIA datasheets: A40 (149.7 TFLOPS bf16, 696 GB/s GDDR6, 84 SMs, 6 MB L2 from the GA102
+    whitepaper), A100 80GB SXM (312 TFLOPS, 2,039 GB/s, 108 SMs, 40 MB L2, A100 whitepaper),
+    H100 SXM5 (989 TFLOPS, 3,350 GB/s, 132 SMs, 50 MB L2, H100 whitepaper).
+    """
+
+    name: str
+    cc: int
+    bf16_flops: float
+    mem_bytes_per_s: float
+    l2_bytes: int
+    sms: int
+
+
+MB = 1024 * KB
+GPUS: dict[str, GPU] = {
+    "A40": GPU("A40", 86, 149.7e12, 696e9, 6 * MB, 84),
+    "A100": GPU("A100", 80, 312e12, 2039e9, 40 * MB, 108),
+    "H100": GPU("H100", 90, 989e12, 3350e9, 50 * MB, 132),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernel variants
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KernelVariant:
+    """One compilation the dispatcher can ask for. name: "logprob_fwd", "grpo_loss_bwd", ...;
+    dtype: element type of the kernel's tensor inputs ("bf16"/"fp16"/"fp32"); config: the constexprs
+    (tile sizes and flags) plus "num_warps" and, when the launcher sets it, "num_stages"."""
+
+    name: str
+    dtype: str
+    config_items: tuple
+
+    @property
+    def config(self) -> dict:
+        return dict(self.config_items)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}[{self.dtype} {config_label(self.config)}]"
+
+
+def config_label(config: Mapping) -> str:
+    """Short text of a config: tiles as NxVxH, flags as their names when set, warps/stages."""
+    parts = []
+    blocks = [str(config[k]) for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H") if k in config]
+    if blocks:
+        parts.append("x".join(blocks))
+    if "BLOCK_SIZE" in config:
+        parts.append(str(config["BLOCK_SIZE"]))
+    parts += [k.lower() for k, v in config.items() if isinstance(v, bool) and v]
+    parts.append(f"w{config['num_warps']}" + (f"s{config['num_stages']}" if "num_stages" in config else ""))
+    if "maxnreg" in config:
+        parts.append(f"maxnreg{config['maxnreg']}")
+    return " ".join(parts)
+
+
+def _kernel_module(module_name: str):
+    import importlib
+
+    return importlib.import_module(f"{__package__}.{module_name}")
+
+
+def _kernel_name(jit_fn) -> str:
+    """_logprob_fwd_kernel -> logprob_fwd."""
+    return jit_fn.__name__.strip("_").removesuffix("_kernel")
+
+
+def iter_kernel_variants() -> Iterator[KernelVariant]:
+    """Every (kernel, dtype, config) of KERNEL_MODULES' triton_configs(), in a stable order.
+
+    logprob entries carry {"kernel_name", "dtypes", "config": TritonConfig, "flags": [dict, ...]};
+    grpo_loss entries a complete {"kernel", "signature", "constexprs", "num_warps"} (fp32 pointers).
+    """
+    for module_name in KERNEL_MODULES:
+        for entry in _kernel_module(module_name).triton_configs():
+            if "flags" in entry:
+                cfg = entry["config"]
+                tiles = {"BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_H": cfg.block_h}
+                launch = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+                for dtype in entry["dtypes"]:
+                    for flags in entry["flags"]:
+                        config = {**tiles, **flags, **launch}
+                        yield KernelVariant(f"{module_name}_{entry['kernel_name']}", _dtype_name(dtype),
+                                            tuple(config.items()))
+            else:
+                config = {**entry["constexprs"], "num_warps": entry["num_warps"]}
+                if "num_stages" in entry:
+                    config["num_stages"] = entry["num_stages"]
+                yield KernelVariant(_kernel_name(entry["kernel"]), "fp32", tuple(config.items()))
+
+
+def _dtype_name(dtype) -> str:
+    import torch
+
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+
+
+def _source(name: str, config: Mapping, dtype: str):
+    """(jit fn, signature, constexprs) of kernel `name` for `config` and `dtype`."""
+    import torch
+
+    constexprs = {k: v for k, v in config.items() if k not in LAUNCH_OPTIONS}
+    if name.startswith("logprob_"):
+        logprob = _kernel_module("logprob")
+        kernel_name = name.removeprefix("logprob_")
+        kernel = {"fwd": logprob._logprob_fwd_kernel, "bwd": logprob._logprob_bwd_kernel}.get(kernel_name)
+        if kernel is None:
+            raise ValueError(f"unknown kernel {name!r}; valid: {', '.join(kernel_names())}")
+        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+        tiles = logprob.TritonConfig(block_n=config["BLOCK_N"], block_v=config["BLOCK_V"],
+                                     block_h=config["BLOCK_H"], num_warps=config["num_warps"],
+                                     num_stages=config.get("num_stages", 3))
+        flags = {k: v for k, v in constexprs.items() if not k.startswith("BLOCK_")}
+        signature, constexprs = logprob.triton_signature(kernel_name, torch_dtype, tiles, flags)
+        return kernel, signature, constexprs
+    for module_name in KERNEL_MODULES:
+        for entry in _kernel_module(module_name).triton_configs():
+            if "signature" in entry and _kernel_name(entry["kernel"]) == name:
+                if dtype != "fp32":
+                    raise ValueError(f"{name} takes fp32 pointers only (its launcher casts), got dtype {dtype!r}")
+                return entry["kernel"], dict(entry["signature"]), constexprs
+    raise ValueError(f"unknown kernel {name!r}; valid: {', '.join(kernel_names())}")
+
+
+def kernel_names() -> list[str]:
+    return sorted({v.name for v in iter_kernel_variants()})
+
+
+# --------------------------------------------------------------------------------------------------
+# Compilation and introspection
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CompiledInfo:
+    """Resources of one compiled kernel. n_regs: 32-bit registers per thread; n_spills: 32-bit words
+    of spill stores per thread (ptxas "bytes spill stores" / 4; Triton's own n_spills, read from the
+    driver, is local memory / 4); shared_bytes: Triton's dynamic shared memory + static (ptxas
+    "bytes smem"); max_threads: threads per block the binary can be launched with (its .reqntid,
+    capped by the register file)."""
+
+    name: str
+    cc: int
+    dtype: str
+    config: dict = field(hash=False)
+    n_regs: int
+    n_spills: int
+    shared_bytes: int
+    max_threads: int
+    num_warps: int
+    spill_load_bytes: int
+    stack_bytes: int
+    same_binary: bool  # the introspected cubin is byte-identical to the one Triton built
+
+
+_PTXAS_PATTERNS = {
+    "n_regs": r"Used (\d+) registers",
+    "spill_store_bytes": r"(\d+) bytes spill stores",
+    "spill_load_bytes": r"(\d+) bytes spill loads",
+    "stack_bytes": r"(\d+) bytes stack frame",
+    "static_smem": r"(\d+) bytes smem",
+}
+
+
+def parse_ptxas_log(log: str) -> dict[str, int]:
+    """`ptxas -v` output -> {"n_regs", "spill_store_bytes", "spill_load_bytes", "stack_bytes",
+    "static_smem"} (0 where ptxas printed nothing); ValueError when the register line is missing."""
+    if not re.search(_PTXAS_PATTERNS["n_regs"], log):
+        raise ValueError(f"no 'Used N registers' line in the ptxas output:\n{log}")
+    out = {}
+    for key, pattern in _PTXAS_PATTERNS.items():
+        match = re.search(pattern, log)
+        out[key] = int(match.group(1)) if match else 0
+    return out
+
+
+def _ptxas_resources(ptx: str, cc: int) -> tuple[dict[str, int], bytes]:
+    """Run Triton's ptxas, with the flags Triton 3.9 passes, on `ptx` -> (parsed -v log, cubin)."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "kernel.ptx", Path(tmp) / "kernel.cubin"
+        src.write_text(ptx)
+        cmd = [get_ptxas(cc).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+               f"--gpu-name={sm_arch_from_capability(cc)}", str(src), "-o", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        return parse_ptxas_log(proc.stdout + proc.stderr), out.read_bytes()
+
+
+def compile_kernel(name: str, config: Mapping, dtype: str, target_cc: int, aligned: bool = True) -> CompiledInfo:
+    """Compile kernel `name` with `config` (constexprs + num_warps [+ num_stages]) for sm_<target_cc>
+    and return its resources. Raises Triton's CompilationError / PTXASError on a compile error.
+
+    aligned=True compiles what the JIT builds for real models: every pointer 16-byte aligned and
+    every specialized int argument (H, V) a multiple of 16 (576, 1536, 49,152 and 151,936 are);
+    aligned=False the variant for odd sizes. Results are memoized per process; Triton's own cache
+    (TRITON_CACHE_DIR) makes a second process fast too.
+    """
+    if target_cc not in TARGETS:
+        raise ValueError(f"target_cc must be one of {sorted(TARGETS)}, got {target_cc!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if "num_warps" not in config:
+        raise ValueError(f"config must hold num_warps, got keys {sorted(config)}")
+    return _compile_cached(name, tuple(config.items()), dtype, target_cc, aligned)
+
+
+@functools.lru_cache(maxsize=None)
+def _compile_cached(name: str, config_items: tuple, dtype: str, cc: int, aligned: bool) -> CompiledInfo:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    config = dict(config_items)
+    kernel, signature, constexprs = _source(name, config, dtype)
+    attrs = {}
+    if aligned:  # what the JIT's specialization adds for aligned pointers and ints % 16 == 0
+        skip = set(getattr(kernel, "do_not_specialize", ()))
+        for arg, ty in signature.items():
+            i = kernel.arg_names.index(arg)
+            if ty.startswith("*") or (ty == "i32" and arg not in skip and i not in skip):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    options = {k: config[k] for k in LAUNCH_OPTIONS if k in config}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+                              target=GPUTarget("cuda", cc, 32), options=options)
+    res, cubin = _ptxas_resources(compiled.asm["ptx"], cc)
+    num_warps = compiled.metadata.num_warps
+    spec = TARGETS[cc]
+    regs_per_warp = _round_up(max(res["n_regs"], 1) * 32, spec.reg_alloc_unit)
+    max_threads = min(num_warps * 32, spec.max_threads_per_block, 32 * (spec.regs_per_sm // regs_per_warp))
+    return CompiledInfo(name=name, cc=cc, dtype=dtype, config=config, n_regs=res["n_regs"],
+                        n_spills=math.ceil(res["spill_store_bytes"] / 4),
+                        shared_bytes=compiled.metadata.shared + res["static_smem"], max_threads=max_threads,
+                        num_warps=num_warps, spill_load_bytes=res["spill_load_bytes"],
+                        stack_bytes=res["stack_bytes"], same_binary=cubin == compiled.asm["cubin"])
+
+
+def _round_up(x: int, unit: int) -> int:
+    return -(-x // unit) * unit
+
+
+def resource_problems(info: CompiledInfo) -> list[str]:
+    """What would make this binary slow or unlaunchable on its target; [] when none: register
+    spills, shared memory above the per-block limit, more threads than the registers allow, or
+    numbers read from a cubin that is not the one Triton built."""
+    spec = TARGETS[info.cc]
+    problems = []
+    if info.n_spills or info.spill_load_bytes:
+        problems.append(f"spills {info.n_spills * 4} bytes stores / {info.spill_load_bytes} bytes loads per "
+                        f"thread at {info.n_regs} registers")
+    if info.shared_bytes > spec.max_smem_per_block:
+        problems.append(f"needs {info.shared_bytes} bytes of shared memory; sm_{info.cc} allows "
+                        f"{spec.max_smem_per_block} per block")
+    if info.num_warps * 32 > info.max_threads:
+        problems.append(f"{info.num_warps * 32} threads per block but its {info.n_regs} registers allow "
+                        f"{info.max_threads}")
+    if not info.same_binary:
+        problems.append("ptxas -v rebuilt a different cubin than Triton's: its flags changed, so these "
+                        "numbers may not describe the binary a GPU loads")
+    return problems
+
+
+class CompileFailure(RuntimeError):
+    """A compile error caught by compile_many (Triton's own exceptions do not all pickle)."""
+
+
+def _compile_job(job: tuple) -> CompiledInfo | CompileFailure:
+    import warnings
+
+    variant, cc, aligned = job
+    try:
+        with warnings.catch_warnings():  # Triton 3.9's notice about its FP-fusion default, once per worker
+            warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+            return compile_kernel(variant.name, variant.config, variant.dtype, cc, aligned)
+    except Exception as exc:  # noqa: BLE001 - every compile error becomes a reportable result
+        return CompileFailure(f"{variant.label} for sm_{cc}: {type(exc).__name__}: {exc}")
+
+
+def compile_many(variants, target_ccs=tuple(TARGETS), aligned: bool = True,
+                 workers: int | None = None) -> dict[tuple[KernelVariant, int], CompiledInfo | CompileFailure]:
+    """Compile every (variant, target) in `workers` processes (default: one per CPU core) ->
+    {(variant, cc): CompiledInfo, or CompileFailure holding the error text}.
+
+    72 compilations (24 variants x 3 targets) took 107 s in one process on a 2-core machine that
+    other jobs shared (0.2-5.5 s each; the fp32 backward, which spills, the slowest).
+    """
+    import concurrent.futures
+    import multiprocessing
+    import os
+
+    jobs = [(v, cc, aligned) for v in variants for cc in target_ccs]
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    if workers == 1:
+        results = [_compile_job(job) for job in jobs]
+    else:  # spawn: a forked child would inherit torch's thread pools
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            results = list(pool.map(_compile_job, jobs, chunksize=1))
+    return {(v, cc): result for (v, cc, _), result in zip(jobs, results)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Occupancy
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Occupancy:
+    """Resident blocks and warps per SM, the fraction of the SM's warp slots, and what limits it."""
+
+    blocks_per_sm: int
+    warps_per_sm: int
+    fraction: float
+    limiter: str
+
+
+def occupancy(info: CompiledInfo, spec: TargetSpec) -> Occupancy:
+    """Blocks per SM = min over warps, registers (per warp, in 256-register units), shared memory
+    (+1 KB reserved per block) and the block limit; 0 when one block does not fit."""
+    warps = info.num_warps
+    regs_per_warp = _round_up(max(info.n_regs, 1) * 32, spec.reg_alloc_unit)
+    smem_per_block = info.shared_bytes + spec.reserved_smem_per_block
+    limits = {
+        "warps": spec.max_warps_per_sm // warps,
+        "registers": (spec.regs_per_sm // regs_per_warp) // warps,
+        "shared memory": spec.smem_per_sm // smem_per_block if info.shared_bytes <= spec.max_smem_per_block else 0,
+        "blocks": spec.max_blocks_per_sm,
+    }
+    limiter = min(limits, key=limits.get)
+    blocks = limits[limiter]
+    return Occupancy(blocks, blocks * warps, blocks * warps / spec.max_warps_per_sm, limiter)
+
+
+# --------------------------------------------------------------------------------------------------
+# Roofline: FLOPs and bytes of per-token log-probs, fused kernels vs the naive torch expression
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Shape:
+    """N tokens, hidden size H, vocabulary V."""
+
+    name: str
+    N: int
+    H: int
+    V: int
+
+
+SHAPES: dict[str, Shape] = {
+    "smollm2-135m": Shape("smollm2-135m", N=2048, H=576, V=49152),
+    "qwen2-1.5b": Shape("qwen2-1.5b", N=512, H=1536, V=151936),
+    "train-16k": Shape("train-16k", N=16384, H=1536, V=151936),
+}
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """FLOPs (tensor-core matmuls; the exp/max/sum on N x V elements are not counted) and DRAM bytes,
+    each byte term named, so that a reader can check the sum."""
+
+    flops: float
+    terms: tuple[tuple[str, float], ...]
+
+    @property
+    def bytes(self) -> float:
+        return sum(b for _, b in self.terms)
+
+    def __add__(self, other: "Traffic") -> "Traffic":
+        return Traffic(self.flops + other.flops, self.terms + other.terms)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Roofline time = max(flops / peak, bytes / bandwidth), seconds; bound: "compute" or "memory"."""
+
+    traffic: Traffic
+    seconds: float
+    bound: str
+
+
+def roofline_seconds(flops: float, nbytes: float, gpu: GPU) -> tuple[float, str]:
+    """max(flops / peak bf16 FLOP/s, bytes / bandwidth) and which term wins (ties: "compute")."""
+    compute, memory = flops / gpu.bf16_flops, nbytes / gpu.mem_bytes_per_s
+    return (compute, "compute") if compute >= memory else (memory, "memory")
+
+
+def fused_traffic(shape: Shape, gpu: GPU, itemsize: int = 2, block_n: int = 64, block_v: int = 128) -> Traffic:
+    """token_logprobs with impl="triton", forward + backward (with grad_weight), 16-bit inputs.
+
+    FLOPs: forward 2NHV (logits); backward 6NHV (recompute the logits 2NHV, grad_hidden 2NHV,
+    grad_weight 2NHV). Bytes: every input read once and every output written once (the kernels
+    re-read weight tiles per token block from L2, assumed to hit), plus the backward's fp32
+    accumulators, each zeroed (write 4), read back by the first atomic (4), written back (4) and cast
+    to the input dtype (read 4, write itemsize). grad_hidden [N, H] gets one atomic add per
+    vocabulary block (V / BLOCK_V per element) and the grid sweeps all of it once per vocabulary
+    block: when it does not fit in L2, every atomic is a DRAM read + write (8 bytes) instead.
+    grad_weight's atomics come from programs that run together (same vocabulary block) and stay in L2.
+    """
+    N, H, V = shape.N, shape.H, shape.V
+    n_blocks = -(-N // block_n)
+    splits = min(max(1, -(-4 * gpu.sms // n_blocks)), -(-V // block_v))  # as logprob._auto_fwd_splits
+    fwd = Traffic(2 * N * H * V, (
+        ("fwd read hidden", N * H * itemsize), ("fwd read weight", V * H * itemsize),
+        ("fwd read targets", N * 8), ("fwd write+read partials [4, splits, N]", 2 * 4 * splits * N * 4),
+        ("fwd write logp, lse", 2 * N * 4),
+    ))
+    if N * H * 4 <= gpu.l2_bytes:
+        grad_hidden_atomics = ("bwd grad_hidden fp32: first read + write-back (fits in L2)", 2 * N * H * 4)
+    else:
+        grad_hidden_atomics = ("bwd grad_hidden fp32 atomics past L2: 8 bytes x N x H x V/BLOCK_V",
+                               8 * N * H * -(-V // block_v))
+    bwd = Traffic(6 * N * H * V, (
+        ("bwd read hidden, weight", (N + V) * H * itemsize), ("bwd read targets, lse, grad_logp", N * 16),
+        ("bwd zero fp32 grad_hidden, grad_weight", (N + V) * H * 4),
+        grad_hidden_atomics,
+        ("bwd grad_weight fp32: first read + write-back", 2 * V * H * 4),
+        ("bwd cast both grads to the input dtype", (N + V) * H * (4 + itemsize)),
+    ))
+    return fwd + bwd
+
+
+def naive_traffic(shape: Shape, itemsize: int = 2) -> Traffic:
+    """The reference expression in eager torch, forward + backward, 16-bit inputs:
+    log_softmax((hidden @ weight.T).float() / T, -1).gather(-1, targets[:, None]).
+
+    Each op reads its inputs and writes its outputs once (a lower bound: torch's softmax kernels read
+    a long row more than once). FLOPs: 2NHV forward, 4NHV backward (grad_hidden, grad_weight).
+    """
+    N, H, V = shape.N, shape.H, shape.V
+    NV, b = N * V, itemsize
+    return Traffic(6 * N * H * V, (
+        ("fwd matmul: read hidden, weight; write logits", (N + V) * H * b + NV * b),
+        ("fwd .float(): read 16-bit, write fp32 logits", NV * (b + 4)),
+        ("fwd / T: read, write fp32", NV * 8),
+        ("fwd log_softmax: read, write fp32", NV * 8),
+        ("fwd gather", N * (8 + 4)),
+        ("bwd gather: write the zero-filled fp32 grad + scatter", NV * 4 + N * 12),
+        ("bwd log_softmax: read grad, output; write grad", NV * 12),
+        ("bwd / T: read, write fp32", NV * 8),
+        ("bwd .float(): read fp32, write 16-bit grad", NV * (4 + b)),
+        ("bwd grad_hidden = g @ W: read g, W; write", NV * b + V * H * b + N * H * b),
+        ("bwd grad_weight = g.T @ hidden: read g, hidden; write", NV * b + N * H * b + V * H * b),
+    ))
+
+
+def predict_logprob(shape: Shape, gpu: GPU) -> dict[str, Prediction]:
+    """{"fused": ..., "naive": ...} roofline predictions of per-token log-probs forward + backward
+    (bf16 inputs, grad of hidden and weight) at `shape` on `gpu`."""
+    out = {}
+    for path, traffic in (("fused", fused_traffic(shape, gpu)), ("naive", naive_traffic(shape))):
+        seconds, bound = roofline_seconds(traffic.flops, traffic.bytes, gpu)
+        out[path] = Prediction(traffic, seconds, bound)
+    return out
+
+
+def describe_prediction(shape: Shape, gpu: GPU) -> str:
+    """One line for logs and benchmarks without a GPU, e.g. "predicted (roofline, not measured)
+    qwen2-1.5b N=512 H=1536 V=151936 on H100: fused 1.25 ms (memory), naive 1.92 ms (memory)"."""
+    pred = predict_logprob(shape, gpu)
+    paths = ", ".join(f"{path} {p.seconds * 1e3:.3g} ms ({p.bound})" for path, p in pred.items())
+    return (f"predicted (roofline, not measured) {shape.name} N={shape.N} H={shape.H} V={shape.V} "
+            f"on {gpu.name}: {paths}")

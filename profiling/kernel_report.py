@@ -1,0 +1,120 @@
+"""Resource and roofline report of the Triton kernels, made with no GPU.
+
+    python profiling/kernel_report.py [--markdown] [--no-compile] [--unaligned] [--terms]
+
+1. Resources: every kernel variant the dispatchers can launch, compiled ahead of time for sm_80
+   (A100), sm_86 (A40) and sm_90 (H100): registers per thread, spilled bytes, shared memory per
+   block, and the warps per SM that these allow (fastgrpo.kernels.aot.occupancy).
+2. Roofline: FLOPs and DRAM bytes of per-token log-probs, forward + backward, at the benchmark
+   shapes, for the fused kernels and for the naive torch expression (materialized fp32 logits), and
+   the time max(FLOPs / peak bf16, bytes / bandwidth) on A40, A100 and H100. Predicted, not measured.
+
+The model (what is counted, what is assumed) is documented in fused_traffic / naive_traffic of
+fastgrpo.kernels.aot; --terms prints every byte term. Exit status 1 when a kernel fails to compile,
+spills or exceeds its target's shared memory.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+
+from fastgrpo.kernels import aot
+
+TARGET_LABELS = {80: "sm_80 (A100)", 86: "sm_86 (A40)", 90: "sm_90 (H100)"}
+
+
+def render(headers: list[str], rows: list[list[str]], markdown: bool) -> str:
+    """A markdown table, or columns aligned with spaces."""
+    if markdown:
+        lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join(lines)
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in [headers, *rows])
+
+
+def _resource_cell(result) -> str:
+    if isinstance(result, Exception):
+        return "COMPILE ERROR"
+    occ = aot.occupancy(result, aot.TARGETS[result.cc])
+    spill = result.n_spills * 4
+    cell = f"{result.n_regs} / {spill} / {result.shared_bytes / 1024:.0f} / {occ.warps_per_sm}"
+    return cell + (" **!**" if aot.resource_problems(result) else "")
+
+
+def resource_table(results: dict, variants: list, markdown: bool) -> str:
+    headers = ["kernel", "dtype", "config"] + [TARGET_LABELS[cc] for cc in aot.TARGETS]
+    rows = [[v.name, v.dtype, aot.config_label(v.config)] + [_resource_cell(results[(v, cc)]) for cc in aot.TARGETS]
+            for v in variants]
+    return render(headers, rows, markdown)
+
+
+def roofline_table(markdown: bool) -> str:
+    headers = ["shape (N x H x V)", "GPU", "fused GFLOP", "fused GB", "fused ms", "naive GFLOP", "naive GB",
+               "naive ms", "naive / fused"]
+    rows = []
+    for shape in aot.SHAPES.values():
+        for gpu in aot.GPUS.values():
+            pred = aot.predict_logprob(shape, gpu)
+            fused, naive = pred["fused"], pred["naive"]
+            rows.append([
+                f"{shape.name} ({shape.N} x {shape.H} x {shape.V})", gpu.name,
+                f"{fused.traffic.flops / 1e9:,.0f}", f"{fused.traffic.bytes / 1e9:.2f}",
+                f"{fused.seconds * 1e3:.2f} ({fused.bound})",
+                f"{naive.traffic.flops / 1e9:,.0f}", f"{naive.traffic.bytes / 1e9:.2f}",
+                f"{naive.seconds * 1e3:.2f} ({naive.bound})", f"{naive.seconds / fused.seconds:.1f}x",
+            ])
+    return render(headers, rows, markdown)
+
+
+def byte_terms(markdown: bool) -> str:
+    out = []
+    for shape in aot.SHAPES.values():
+        gpu = aot.GPUS["H100"]
+        for path, traffic in (("fused", aot.fused_traffic(shape, gpu)), ("naive", aot.naive_traffic(shape))):
+            rows = [[name, f"{nbytes / 1e9:.3f}"] for name, nbytes in traffic.terms]
+            rows.append(["total", f"{traffic.bytes / 1e9:.3f}"])
+            out.append(f"{path}, {shape.name}, L2 of the {gpu.name}:\n\n" + render(["term", "GB"], rows, markdown))
+    return "\n\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--markdown", action="store_true", help="print markdown tables")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compilation: roofline only")
+    parser.add_argument("--unaligned", action="store_true",
+                        help="compile the variants for unaligned pointers / sizes (odd V) instead")
+    parser.add_argument("--terms", action="store_true", help="also print every byte term of the roofline")
+    parser.add_argument("--workers", type=int, default=None, help="compile processes (default: CPU cores)")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+
+    sections = []
+    problems = 0
+    if not args.no_compile:
+        variants = list(aot.iter_kernel_variants())
+        start = time.perf_counter()
+        results = aot.compile_many(variants, aligned=not args.unaligned, workers=args.workers)
+        seconds = time.perf_counter() - start
+        problems = sum(isinstance(r, Exception) or bool(aot.resource_problems(r)) for r in results.values())
+        kind = "unaligned pointers / sizes" if args.unaligned else "16-byte aligned pointers, H and V multiples of 16"
+        sections.append(
+            f"Kernel resources ({kind}; compiled ahead of time in {seconds:.0f} s). Each cell: registers per thread / "
+            f"spilled bytes per thread / shared memory KB per block / resident warps per SM "
+            f"(max 64 on sm_80 and sm_90, 48 on sm_86); **!** marks spills or shared memory over the limit.\n\n"
+            + resource_table(results, variants, args.markdown))
+    sections.append(
+        "Predicted, not measured: per-token log-probs forward + backward (bf16 inputs, grads of hidden and "
+        "weight), roofline max(FLOPs / peak bf16 dense, DRAM bytes / bandwidth). Fused: 2NHV forward + 6NHV "
+        "backward (logit recompute, grad_hidden, grad_weight). Naive: 6NHV, with the N x V logits and their "
+        "gradient materialized (58 bytes per logit through HBM).\n\n" + roofline_table(args.markdown))
+    if args.terms:
+        sections.append(byte_terms(args.markdown))
+    print("\n\n".join(sections))
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
