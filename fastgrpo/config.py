@@ -48,9 +48,9 @@ class DataConfig:
 @dataclass(frozen=True)
 class RolloutConfig:
     engine: str = "vllm"  # vllm | transformers
-    prompts_per_step: int = 8
+    prompts_per_step: int = 4  # x num_generations = 32 sequences: ~20-35 s of fwd+bwd on 2 CPU cores
     num_generations: int = 8  # G: samples per prompt, the group of the group-relative advantage
-    max_completion_length: int = 96
+    max_completion_length: int = 64  # the default task's answers take ~20-30 tokens
     temperature: float = 1.0
     top_p: float = 1.0
     dtype: str = "bfloat16"  # engine dtype
@@ -71,8 +71,8 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    max_steps: int = 30
-    learning_rate: float = 5e-6
+    max_steps: int = 20
+    learning_rate: float = 1e-5
     lr_schedule: str = "constant"  # constant | cosine | linear (after warmup)
     warmup_steps: int = 2
     optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes)
@@ -88,8 +88,8 @@ class TrainConfig:
 class EvalConfig:
     before_and_after: bool = True  # held-out accuracy before and after training
     every_n_steps: int = 0  # 0 = only before/after
-    samples: int = 1
-    temperature: float = 0.0  # greedy held-out accuracy by default: a deterministic comparison
+    samples: int = 4  # pass@1 = mean over 4 samples per problem: 256 graded samples for 64 problems
+    temperature: float = 1.0  # the rollout temperature: measures the policy that GRPO trains
     top_p: float = 1.0
     max_completion_length: int | None = None  # default: rollout.max_completion_length
 
