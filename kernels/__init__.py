@@ -6,5 +6,6 @@ Face's ``kernels`` package, which bitsandbytes imports).
 
 from .logprob import token_logprobs
 from .grpo_loss import grpo_token_loss
+from .fused_grpo import fused_grpo_loss
 
-__all__ = ["token_logprobs", "grpo_token_loss"]
+__all__ = ["token_logprobs", "grpo_token_loss", "fused_grpo_loss"]

@@ -1,0 +1,33 @@
+"""Prints the kernel benchmarks' table (bench_kernels.py) at the end of a run."""
+from __future__ import annotations
+
+import kernel_impls as ki
+
+TABLE_ORDER = ("fastgrpo", "naive", "liger", "matmul_floor")
+
+
+def format_table(results: list[dict]) -> list[str]:
+    """Rows of implementation, shape, best time, time / matmul floor, peak extra MB, peak / naive's."""
+    lines = [f"{'implementation':<16}{'shape':<14}{'time ms':>10}{'x floor':>9}{'peak MB':>10}{'x naive mem':>13}"]
+    for shape in ki.SHAPES:
+        rows = {r["impl"]: r for r in results if r["shape"] == shape}
+        floor, naive = rows.get("matmul_floor"), rows.get("naive")
+        for impl in TABLE_ORDER:
+            if impl not in rows:
+                continue
+            r = rows[impl]
+            ratio = r["seconds"] / floor["seconds"] if floor else float("nan")
+            mem_ratio = r["peak_extra_mb"] / naive["peak_extra_mb"] if naive else float("nan")
+            lines.append(f"{impl:<16}{shape:<14}{r['seconds'] * 1e3:>10.0f}{ratio:>9.2f}"
+                         f"{r['peak_extra_mb']:>10.0f}{mem_ratio:>13.2f}")
+    return lines
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not ki.RESULTS:
+        return
+    dev = ki.device()
+    timer = "wall" if dev.type == "cuda" else "CPU time"
+    terminalreporter.section(f"log-probs + GRPO loss, fwd+bwd ({dev}, {ki.dtype_for(dev)}, best {timer})")
+    for line in format_table(ki.RESULTS):
+        terminalreporter.write_line(line)

@@ -1,0 +1,318 @@
+"""The GRPO loss straight from hidden states in one pass: log-probs, loss and both input gradients.
+
+    loss, logp, entropy, metrics = fused_grpo_loss(hidden, weight, targets, old_logp, ref_logp,
+                                                   advantages, cu_seqlens)
+    == grpo_token_loss(token_logprobs(hidden, weight, targets, temperature), old_logp, ref_logp,
+                       advantages, cu_seqlens, ...)
+
+Why a second entry point: the loss is a weighted sum of per-token terms, loss = sum_t scale_t *
+l(logp_t), with scale_t fixed by the batch (grpo_loss.token_scales). So dloss/dlogp_t is known as soon
+as logp_t is, and the forward can finish the whole gradient chunk by chunk: logits = h_c @ W.T once,
+then grad_hidden[c] = dlogits @ W and grad_weight += dlogits.T @ h_c. Three matmul-sized products in
+all, against four for token_logprobs + grpo_token_loss, whose backward must recompute the logits. The
+backward only multiplies the saved gradients by the upstream scalar.
+
+Layers:
+    fused_forward_torch / fused_forward_triton   one pass -> logp, entropy, grad_hidden, grad_weight
+    FusedGRPOFunction                            autograd.Function, options in FusedGRPOParams
+    fused_grpo_loss                              the public functional; impl="reference" is the
+                                                 unfused naive composition, differentiated by autograd
+
+Nothing here has its own copy of the loss: the per-token derivative, the loss value, the metrics and
+the aggregation weights all come from grpo_loss (its torch or Triton launchers and LOSS_AGGREGATIONS),
+and the Triton path runs logprob's existing kernels (forward, then backward with dloss/dlogp).
+The Triton path therefore still computes the logits twice (its backward kernel recomputes them).
+
+Memory: O(chunk x V) on the torch path (one fp32 [chunk, V] buffer, two with entropy; chunk =
+max(512, 2**25 // V) tokens by default), plus the gradients held from the forward to the backward:
+grad_hidden [N, H] and grad_weight [V, H] (fp32 while accumulating for 16-bit weights), which the
+backward hands to autograd without a copy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import grpo_loss as gl
+from . import logprob as lp
+
+__all__ = ["FUSED_CHUNK_ELEMENTS", "MIN_CHUNK_TOKENS", "FusedGRPOFunction", "FusedGRPOParams",
+           "fused_forward_torch", "fused_forward_triton", "fused_grpo_loss"]
+
+# Chunk of the torch path: FUSED_CHUNK_ELEMENTS // V tokens, but never fewer than MIN_CHUNK_TOKENS.
+# Each chunk streams the whole weight (and grad_weight) through memory, so on a CPU short chunks are
+# memory-bound at a large vocabulary. Measured (fp32, fwd+bwd, CPU time on 2 threads, best of 4,
+# time / the three bare matmuls; the machine was shared, so +-5%):
+#   N=2048, H=576, V=49,152:  chunks of 256 / 341 / 512 / 682 / 1024 tokens: 1.34 / 1.31 / 1.26 / 1.22 / 1.19
+#   N=512, H=1,536, V=151,936: 64 / 110 / 220 / 512 tokens:                  1.63 / 1.42 / 1.27 / 1.09
+# (token_logprobs + grpo_token_loss, which computes the logits twice: 1.63 and 1.54.)
+# 2**25 elements = a 128 MiB fp32 buffer (682 tokens at V=49,152); at V=151,936 the 512-token floor
+# makes it 311 MB, a third of that vocabulary's fp32 grad_weight (934 MB at H=1,536).
+FUSED_CHUNK_ELEMENTS = 2**25
+MIN_CHUNK_TOKENS = 512
+
+
+@dataclass(frozen=True)
+class FusedGRPOParams:
+    """Every option of FusedGRPOFunction.
+
+    impl: "torch" or "triton" (already resolved). loss: the clipping/KL options of grpo_loss.
+    chunk_tokens: tokens per chunk of the torch path (None: max(MIN_CHUNK_TOKENS,
+      FUSED_CHUNK_ELEMENTS // V)).
+    hidden_needs_grad / weight_needs_grad: which gradients the forward computes (a frozen LM head
+    saves one of the three products).
+    """
+
+    temperature: float
+    return_entropy: bool
+    impl: str
+    loss: gl.GRPOLossParams
+    chunk_tokens: int | None = None
+    hidden_needs_grad: bool = True
+    weight_needs_grad: bool = True
+
+
+def _chunk_tokens(n: int, v: int, params: FusedGRPOParams) -> int:
+    chunk = params.chunk_tokens or max(MIN_CHUNK_TOKENS, FUSED_CHUNK_ELEMENTS // max(v, 1))
+    return max(1, min(n, chunk))
+
+
+def _torch_chunk(rows: slice, hidden, weight, targets, old_logp, ref_logp, advantages, scale,
+                 params: FusedGRPOParams, logits_buf, exp_buf, out_logp, out_entropy, grad_hidden,
+                 grad_weight, needs_grad: bool) -> None:
+    """One chunk of fused_forward_torch: fills out_logp[rows] (and out_entropy[rows]), writes
+    grad_hidden[rows] and adds into grad_weight. logits_buf / exp_buf: fp32 [>= chunk, V] scratch."""
+    n = rows.stop - rows.start
+    hidden_chunk, target_chunk = hidden[rows], targets[rows, None]
+    z = lp._chunk_logits(hidden_chunk, weight, params.temperature, logits_buf[:n])
+    target_z = z.gather(1, target_chunk)[:, 0]
+    m = z.amax(1)
+    z.sub_(m[:, None])
+    if params.return_entropy:  # H = log s - sum e (z - m) / s: needs e and z - m at once
+        e = torch.exp(z, out=exp_buf[:n])
+        sum_exp = e.sum(1)
+        out_entropy[rows] = sum_exp.log() - torch.linalg.vecdot(e, z, dim=1) / sum_exp
+    else:
+        e = z.exp_()
+        sum_exp = e.sum(1)
+    logp = target_z - (m + sum_exp.log())
+    out_logp[rows] = logp
+    if not needs_grad:
+        return
+    grad_logp = gl.grpo_loss_backward_torch(
+        torch.ones((), device=logp.device), logp, logp if old_logp is None else old_logp[rows],
+        None if ref_logp is None else ref_logp[rows], advantages[rows], scale[rows], params.loss).float()
+    dlogits = e.mul_((grad_logp / -sum_exp)[:, None])  # -p * g
+    dlogits.scatter_add_(1, target_chunk, grad_logp[:, None])  # + onehot * g
+    if params.temperature != 1.0:
+        dlogits.div_(params.temperature)
+    if hidden.dtype != torch.float32:
+        dlogits = dlogits.to(hidden.dtype)
+    if grad_hidden is not None:
+        torch.mm(dlogits, weight, out=grad_hidden[rows])
+    if grad_weight is not None:
+        if grad_weight.dtype == weight.dtype:
+            grad_weight.addmm_(dlogits.T, hidden_chunk)
+        else:  # fp32 accumulator of a 16-bit weight's gradient
+            grad_weight += dlogits.T @ hidden_chunk
+
+
+def fused_forward_torch(hidden, weight, targets, old_logp, ref_logp, advantages, scale,
+                        params: FusedGRPOParams):
+    """Chunked torch pass. hidden [N, H], weight [V, H], targets [N] int64; old_logp (None: logp
+    itself), ref_logp (or None), advantages, scale [N] -> (logp [N] fp32, entropy [N] fp32 or None,
+    grad_hidden [N, H] in hidden's dtype or None, grad_weight [V, H] in weight's dtype or None), the
+    gradients of sum_t scale_t * l_t (upstream gradient 1).
+
+    Per chunk c (z = logits / T, e = exp(z - max z), s = sum e, p = e / s):
+        logp = z[target] - (max z + log s);  g = scale * dl/dlogp  (grpo_loss_backward_torch)
+        dlogits = (onehot - p) * g / T;  grad_hidden[c] = dlogits @ W;  grad_weight += dlogits.T @ h_c
+    """
+    N, H = hidden.shape
+    V = weight.shape[0]
+    logp = hidden.new_empty(N, dtype=torch.float32)
+    entropy = hidden.new_empty(N, dtype=torch.float32) if params.return_entropy else None
+    grad_hidden = torch.empty_like(hidden) if params.hidden_needs_grad else None
+    acc_dtype = torch.float32 if weight.element_size() < 4 else weight.dtype
+    grad_weight = (torch.zeros(V, H, device=weight.device, dtype=acc_dtype)
+                   if params.weight_needs_grad else None)
+    chunk = _chunk_tokens(N, V, params)
+    logits_buf = hidden.new_empty(chunk, V, dtype=torch.float32)
+    exp_buf = torch.empty_like(logits_buf) if params.return_entropy else None
+    for start in range(0, N, chunk):
+        _torch_chunk(slice(start, min(start + chunk, N)), hidden, weight, targets, old_logp, ref_logp,
+                     advantages, scale, params, logits_buf, exp_buf, logp, entropy, grad_hidden, grad_weight,
+                     needs_grad=params.hidden_needs_grad or params.weight_needs_grad)
+    del logits_buf, exp_buf  # freed before a 16-bit weight's gradient is converted below
+    if grad_weight is not None:
+        grad_weight = grad_weight.to(weight.dtype)
+    return logp, entropy, grad_hidden, grad_weight
+
+
+def fused_forward_triton(hidden, weight, targets, old_logp, ref_logp, advantages, scale,
+                         params: FusedGRPOParams):
+    """Same contract as fused_forward_torch, with logprob's Triton forward and backward launchers
+    and grpo_loss's Triton backward kernel for dloss/dlogp (one launch each)."""
+    lp_params = lp.LogprobParams(temperature=params.temperature, return_entropy=params.return_entropy,
+                                 impl="triton")
+    logp, lse, entropy = lp.logprob_forward(hidden, weight, targets, lp_params)
+    if not (params.hidden_needs_grad or params.weight_needs_grad):
+        return logp, entropy, None, None
+    one = torch.ones((), device=hidden.device, dtype=torch.float32)
+    grad_logp = gl.grpo_loss_backward(one, logp, logp if old_logp is None else old_logp, ref_logp,
+                                      advantages, scale, params.loss)
+    # grad_entropy None: the entropy is a metric here, so the backward kernel skips its term.
+    grad_hidden, grad_weight = lp.logprob_backward(hidden, weight, targets, lse, entropy, grad_logp.float(),
+                                                   None, lp_params, needs_weight_grad=params.weight_needs_grad)
+    return logp, entropy, (grad_hidden if params.hidden_needs_grad else None), grad_weight
+
+
+class FusedGRPOFunction(torch.autograd.Function):
+    """(hidden [N, H], weight [V, H], targets [N], old_logp [N] or None, ref_logp [N] or None,
+    advantages [N], scale [N], token_weights [N] or None, params) ->
+    (loss [] fp32, logp [N], entropy [N] (empty when not asked for), stats [P, 8]).
+
+    The forward computes the input gradients of the loss and keeps them (not hidden or weight);
+    backward scales them by the upstream gradient in place and returns them, so the graph can be
+    backpropagated once. Only the loss is differentiable."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, old_logp, ref_logp, advantages, scale, token_weights,
+                params: FusedGRPOParams):
+        forward = fused_forward_triton if params.impl == "triton" else fused_forward_torch
+        logp, entropy, grad_hidden, grad_weight = forward(hidden, weight, targets, old_logp, ref_logp,
+                                                          advantages, scale, params)
+        loss_forward = gl.grpo_loss_forward if params.impl == "triton" else gl.grpo_loss_forward_torch
+        loss, stats = loss_forward(logp, logp if old_logp is None else old_logp, ref_logp, advantages,
+                                   scale, token_weights, params.loss)
+        # Held as attributes, not saved tensors: backward scales them in place and hands them over,
+        # so the weight gradient never exists twice (a copy would add 934 MB at Qwen2-1.5B's head).
+        ctx.grads = (grad_hidden, grad_weight)
+        if entropy is None:
+            entropy = logp.new_empty(0)
+        ctx.mark_non_differentiable(logp, entropy, stats)
+        return loss, logp, entropy, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused_grads):
+        if ctx.grads is None:
+            raise RuntimeError("fused_grpo_loss: backward ran twice through the same graph (retain_graph=True); "
+                               "the gradients were handed over the first time. Call fused_grpo_loss again.")
+        grads, ctx.grads = ctx.grads, None
+        # On CPU, reading the upstream scalar is free and skips two passes over [V, H] when it is 1;
+        # on CUDA that read would sync, so the multiply (by a 0-dim tensor) always runs there.
+        skip = grad_loss.device.type == "cpu" and grad_loss.item() == 1.0
+        if not skip:
+            grads = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def _loss_inputs(n: int, device, old_logp, ref_logp, advantages, cu_seqlens, loss_type, epsilon_low,
+                 epsilon_high, beta, max_completion_length, num_sequences, num_tokens, num_microbatches,
+                 token_weights):
+    """grpo_token_loss's argument checks and set-up, for a logp of n fp32 values not computed yet.
+    Returns (old_logp or None, ref_logp or None, advantages [n], token_weights or None, scale [n],
+    GRPOLossParams); the aggregation is grpo_loss.token_scales (LOSS_AGGREGATIONS)."""
+    if loss_type not in gl.LOSS_AGGREGATIONS:
+        raise ValueError(f"unknown loss_type {loss_type!r}; valid: {sorted(gl.LOSS_AGGREGATIONS)}")
+    for name, value in (("epsilon_low", epsilon_low), ("epsilon_high", epsilon_high), ("beta", beta)):
+        gl._check_number(name, value)
+    if ref_logp is None and beta > 0:
+        raise ValueError(f"beta={beta} > 0 needs ref_logp; pass reference log-probs or beta=0.0")
+    if loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("loss_type='dr_grpo' needs max_completion_length (an int >= 1), got None")
+        gl._check_int("max_completion_length", max_completion_length, 1)
+    gl._check_int("num_microbatches", num_microbatches, 1)
+    if num_tokens is not None:
+        gl._check_number("num_tokens", num_tokens, positive=True)
+    logp_like = torch.empty(n, device=device, dtype=torch.float32)  # shape/device stand-in
+    for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp), ("token_weights", token_weights)):
+        if x is not None:
+            gl._check_float_tensor(name, x, (logp_like.shape,), device)
+    gl._check_cu_seqlens(cu_seqlens, logp_like, token_weights)
+    num_local_sequences = cu_seqlens.numel() - 1
+    gl._check_float_tensor("advantages", advantages, ((n,), (num_local_sequences,)), device)
+    if num_sequences is None:
+        num_sequences = num_local_sequences
+    else:
+        gl._check_int("num_sequences", num_sequences, max(num_local_sequences, 1))
+    seq_ids = gl.sequence_ids(cu_seqlens, n)
+    advantages = advantages.detach().float()
+    if advantages.shape != (n,):
+        advantages = advantages[seq_ids]
+    weights = None if token_weights is None else token_weights.detach().float()
+    scale_weights = torch.ones(n, device=device) if weights is None else weights
+    batch = gl.PackedBatch(seq_ids, cu_seqlens, scale_weights, num_sequences,
+                           scale_weights.sum() if num_tokens is None else num_tokens,
+                           num_microbatches, max_completion_length)
+    scale = gl.token_scales(loss_type, batch)
+    old_logp = None if old_logp is None else old_logp.detach().float()
+    ref_logp = None if ref_logp is None else ref_logp.detach().float()
+    params = gl.GRPOLossParams(1.0 - epsilon_low, 1.0 + epsilon_high, float(beta), use_triton=False)
+    return old_logp, ref_logp, advantages, weights, scale, params
+
+
+def fused_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logp: Tensor | None,
+                    ref_logp: Tensor | None, advantages: Tensor, cu_seqlens: Tensor, *,
+                    temperature: float = 1.0, loss_type: str = "grpo", epsilon_low: float = 0.2,
+                    epsilon_high: float = 0.2, beta: float = 0.0, max_completion_length: int | None = None,
+                    num_sequences: int | None = None, num_tokens: int | float | None = None,
+                    num_microbatches: int = 1, token_weights: Tensor | None = None,
+                    return_entropy: bool = False, impl: str = "auto", chunk_tokens: int | None = None):
+    """GRPO loss of the completion tokens from hidden states and the LM head, in one pass.
+
+        loss == grpo_token_loss(token_logprobs(hidden, weight, targets, temperature), old_logp,
+                                ref_logp, advantages, cu_seqlens, loss_type, ...)[0]
+
+    (see grpo_token_loss for the loss formula, the aggregation modes and the metrics). The forward
+    also computes the gradients w.r.t. hidden and weight (for those that require grad while grad
+    mode is on), so the logits are computed once and the [N, V] logits never exist: peak extra
+    memory O(chunk x V) on the torch path, plus grad_hidden [N, H] and grad_weight [V, H] held
+    until backward. Call backward() on the loss (or on anything linear in it) to receive them.
+
+    Args:
+        hidden [N, H], weight [V, H]: float16/bfloat16/float32, one dtype; targets [N] integer ids.
+        old_logp, ref_logp, token_weights [N] float or None; advantages [N] or [S];
+        cu_seqlens [S+1] int32/int64 over the N tokens; the options as in grpo_token_loss.
+        return_entropy: also return the entropy [N] of softmax(logits / T) (a metric, no gradient).
+        impl: "auto" (Triton on CUDA, else torch), "triton", "torch", "reference" (the unfused naive
+            composition, which materializes the logits).
+        chunk_tokens: tokens per chunk on the torch path (None: max(MIN_CHUNK_TOKENS,
+            FUSED_CHUNK_ELEMENTS // V), see their comment for the measurements).
+    Returns:
+        (loss [] float32, logp [N] float32 detached, entropy [N] float32 detached or None,
+         metrics dict of grpo_loss.METRIC_NAMES -> float).
+    """
+    lp._check_inputs(hidden, weight, targets, temperature)
+    resolved = lp.resolve_impl(impl, hidden)
+    if resolved == "reference":
+        out = lp.token_logprobs(hidden, weight, targets, temperature, return_entropy, impl="reference")
+        logp, entropy = out if return_entropy else (out, None)
+        loss, metrics = gl.grpo_token_loss(
+            logp, old_logp, ref_logp, advantages, cu_seqlens, loss_type, epsilon_low, epsilon_high, beta,
+            max_completion_length, impl="reference", num_sequences=num_sequences, num_tokens=num_tokens,
+            num_microbatches=num_microbatches, token_weights=token_weights)
+        return loss, logp.detach(), (None if entropy is None else entropy.detach()), metrics
+    if chunk_tokens is not None:
+        gl._check_int("chunk_tokens", chunk_tokens, 1)
+    n = hidden.shape[0]
+    old_logp, ref_logp, advantages, weights, scale, loss_params = _loss_inputs(
+        n, hidden.device, old_logp, ref_logp, advantages, cu_seqlens, loss_type, epsilon_low, epsilon_high,
+        beta, max_completion_length, num_sequences, num_tokens, num_microbatches, token_weights)
+    grad_on = torch.is_grad_enabled()
+    params = FusedGRPOParams(
+        temperature=float(temperature), return_entropy=bool(return_entropy), impl=resolved,
+        loss=gl.GRPOLossParams(loss_params.ratio_low, loss_params.ratio_high, loss_params.beta,
+                               use_triton=resolved == "triton"),
+        chunk_tokens=chunk_tokens, hidden_needs_grad=grad_on and hidden.requires_grad,
+        weight_needs_grad=grad_on and weight.requires_grad)
+    if n == 0:  # a zero still connected to both inputs, so that backward() works on every rank
+        loss = (hidden.sum() + weight.sum() * 0).float() * 0.0
+        empty = hidden.new_empty(0, dtype=torch.float32)
+        return loss, empty, (empty if return_entropy else None), dict.fromkeys(gl.METRIC_NAMES, 0.0)
+    loss, logp, entropy, stats = FusedGRPOFunction.apply(hidden, weight, targets.long(), old_logp, ref_logp,
+                                                         advantages, scale, weights, params)
+    return loss, logp, (entropy if return_entropy else None), gl._metrics_from_stats(stats)
