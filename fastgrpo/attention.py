@@ -6,13 +6,14 @@ inside each sequence, which ``cu_seqlens`` [S+1] int32 describes exactly as in f
 
 Backends:
     "flash"  flash_attn.flash_attn_varlen_func (CUDA, fp16/bf16 only).
-    "torch"  one ``F.scaled_dot_product_attention(is_causal=True)`` call per sequence. Measured on
-             2 CPU cores, 16 sequences x 200 tokens, 9 query / 3 kv heads x 64 dims, fp32: this loop
-             took 70-90 ms forward and 100-190 ms forward+backward, one SDPA call with a
-             block-diagonal causal [T, T] boolean mask 0.9-1.3 s and 2-4 s (it falls to the math
-             kernel and holds [heads, T, T] scores: 370 MB here). Native GQA
-             (``enable_gqa=True``) beat repeating k/v heads forward+backward (160-190 ms vs
-             270-310 ms) and lost slightly forward only (70-90 vs 50-75 ms).
+    "torch"  one ``F.scaled_dot_product_attention(is_causal=True)`` call per sequence, on 4-D
+             [1, heads, L, D] views: 3-D inputs fall to SDPA's math kernel on CPU, 4-D ones get its
+             flash kernel (forward and backward). Measured on a shared 2-core CPU, one thread,
+             16 sequences x 200 tokens, 9 query / 3 kv heads x 64 dims, fp32: this loop took
+             ~30 ms forward and ~115-145 ms forward+backward (3-D inputs: ~50 ms and ~150-180 ms);
+             one SDPA call with a block-diagonal causal [T, T] boolean mask took 1.3 s and
+             2.3-2.9 s (math kernel, [heads, T, T] scores: 370 MB here). Native GQA
+             (``enable_gqa=True``) was as fast as repeating the k/v heads, without the copies.
     "auto"   "flash" for CUDA fp16/bf16 tensors when flash-attn is importable, else "torch".
 
 Override hook (one for the whole package): ``set_attention_backend(name)``, or the environment
@@ -127,16 +128,17 @@ def _torch_varlen_attention(
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end == start:
             continue
+        # [L, H, D] -> [1, H, L, D]: the batch dimension selects SDPA's CPU flash kernel.
         out = F.scaled_dot_product_attention(
-            q[start:end].transpose(0, 1),
-            k[start:end].transpose(0, 1),
-            v[start:end].transpose(0, 1),
+            q[start:end].transpose(0, 1).unsqueeze(0),
+            k[start:end].transpose(0, 1).unsqueeze(0),
+            v[start:end].transpose(0, 1).unsqueeze(0),
             dropout_p=dropout_p,
             is_causal=causal,
             scale=softmax_scale,
             enable_gqa=gqa,
         )
-        outputs.append(out.transpose(0, 1))
+        outputs.append(out[0].transpose(0, 1))
     if not outputs:
         return q.new_empty(0, q.shape[1], v.shape[2])
     return torch.cat(outputs, dim=0)
