@@ -14,8 +14,8 @@ Algorithm choices, each a config key (fastgrpo/config.py holds every default):
 - sequences are packed without padding into micro-batches of at most
   ``train.max_tokens_per_microbatch`` tokens; each micro-batch's loss is normalized over the whole
   batch, so accumulating gradients gives the gradient of the global loss;
-- log-probs come from final hidden states and the LM-head weight through the fused kernel: the
-  [tokens x vocab] logits are never built.
+- log-probs, the loss and its gradient w.r.t. the final hidden states and the LM-head weight come
+  from one fused pass (``fused_grpo_loss``): the [tokens x vocab] logits are never built.
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ from fastgrpo import checkpoint as ckpt
 from fastgrpo.config import Config, to_dict
 from fastgrpo.data import PromptSampler, build_messages, encode_prompt, load_task
 from fastgrpo.eval import evaluate
-from fastgrpo.kernels import grpo_token_loss
+from fastgrpo.kernels import fused_grpo_loss
 from fastgrpo.loss import group_advantages
 from fastgrpo.metrics import MetricsLogger
 from fastgrpo.attention import set_attention_backend
-from fastgrpo.model import (apply_liger_patches, load_policy, load_reference, load_tokenizer, packed_token_logprobs,
-                            resolve_model_path)
+from fastgrpo.model import (apply_liger_patches, lm_head_weight, load_policy, load_reference, load_tokenizer,
+                            packed_hidden_states, packed_token_logprobs, resolve_model_path)
 from fastgrpo.optim import build_optimizer, build_scheduler
 from fastgrpo.packing import pack_sequences, plan_microbatches
 from fastgrpo.rewards import compute_rewards, get_reward
@@ -208,22 +208,24 @@ def grpo_update(policy, reference, optimizer, rollout: Rollout, cfg: Config, dev
         sums: dict[str, float] = {}
         mismatch_sum, entropy_sum, loss_total = 0.0, 0.0, 0.0
         for k, (idx, batch) in enumerate(zip(plans, batches)):
-            logp, entropy = packed_token_logprobs(policy, batch, temperature, return_entropy=True)
-            loss, metrics = grpo_token_loss(
-                logp, old_logps[k] if old_logps else None, ref_logps[k] if ref_logps else None,
-                rollout.advantages[idx].to(device), batch.completion_cu_seqlens,
+            # One pass over the LM head: log-probs, loss and the gradients w.r.t. the hidden states
+            # and the head weight (3 matmuls, logits never materialized), then backward through the model.
+            loss, logp, entropy, metrics = fused_grpo_loss(
+                packed_hidden_states(policy, batch), lm_head_weight(policy), batch.targets,
+                old_logps[k] if old_logps else None, ref_logps[k] if ref_logps else None,
+                rollout.advantages[idx].to(device), batch.completion_cu_seqlens, temperature=temperature,
                 loss_type=lo.loss_type, epsilon_low=lo.epsilon_low, epsilon_high=lo.epsilon_high, beta=lo.beta,
                 max_completion_length=cfg.rollout.max_completion_length,
-                num_sequences=n_seqs, num_tokens=n_tokens, num_microbatches=len(plans),
+                num_sequences=n_seqs, num_tokens=n_tokens, num_microbatches=len(plans), return_entropy=True,
             )
             loss.backward()
             loss_total += loss.item()
             _accumulate(sums, metrics, weight=batch.targets.numel())
-            entropy_sum += entropy.detach().float().sum().item()
+            entropy_sum += entropy.sum().item()
             if it == 0:
                 # The rollout was sampled with exactly these weights: any gap is sync or numerics.
                 sampler_lp = torch.tensor([x for i in idx for x in rollout.sampler_logprobs[i]], dtype=torch.float32)
-                mismatch_sum += (logp.detach().float().cpu() - sampler_lp).abs().sum().item()
+                mismatch_sum += (logp.cpu() - sampler_lp).abs().sum().item()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.train.max_grad_norm).item()
         if math.isfinite(grad_norm) and math.isfinite(loss_total):
             optimizer.step()

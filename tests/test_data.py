@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import collections
+import dataclasses
 import importlib.util
 import json
 import operator
@@ -15,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from fastgrpo.config import DataConfig
 from fastgrpo.data import (
     DEFAULT_LEVEL_WEIGHTS,
     ONE_SHOT_PROBLEM,
@@ -267,19 +269,18 @@ def test_dataset_folder_without_datasets_says_how_to_install(tmp_path, monkeypat
 
 
 def test_load_task_for_arithmetic_and_files(tmp_path):
-    cfg = SimpleNamespace(dataset="arithmetic", eval_dataset=None, problem_key="problem", answer_key="answer",
-                          num_train=100, num_eval=20, levels=(1, 2))
+    cfg = DataConfig(num_train=100, num_eval=20, levels=(1, 2))
     train, held_out = load_task(cfg, seed=0)
     assert (train, held_out) == arithmetic_splits(100, 20, 0, (1, 2))
     path = _write_jsonl(tmp_path / "f.jsonl", [{"problem": f"q{i}", "answer": i} for i in range(30)])
-    cfg = SimpleNamespace(**{**vars(cfg), "dataset": str(path), "num_eval": 5})
+    cfg = dataclasses.replace(cfg, dataset=str(path), num_eval=5)
     train, held_out = load_task(cfg, seed=0)
     assert len(train) == 25 and len(held_out) == 5
     assert not {p["problem"] for p in train} & {p["problem"] for p in held_out}
     _write_jsonl(path, [{"problem": f"q{i}", "answer": i if i != 3 else ""} for i in range(30)])
     with pytest.raises(ValueError, match="line 4: 'answer' is empty"):
         load_task(cfg, seed=0)
-    train, held_out = load_task(SimpleNamespace(**{**vars(cfg), "on_bad_rows": "skip"}), seed=0)
+    train, held_out = load_task(dataclasses.replace(cfg, on_bad_rows="skip"), seed=0)
     assert len(train) + len(held_out) == 29
 
 
