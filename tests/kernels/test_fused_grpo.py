@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from largest_tensor import LargestTensor
 
 from fastgrpo.kernels import fused_grpo_loss, grpo_token_loss, token_logprobs
 from fastgrpo.kernels import fused_grpo as fg
@@ -239,19 +238,6 @@ def test_empty_batch(impl):
 # ----------------------------------------------------------------------------------------------
 # memory: no tensor of N x V elements
 # ----------------------------------------------------------------------------------------------
-class LargestTensor(TorchDispatchMode):
-    """Records the largest numel among the outputs of every op run under it."""
-
-    def __init__(self):
-        super().__init__()
-        self.numel, self.op = 0, None
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.numel() > self.numel:
-                self.numel, self.op = t.numel(), func
-        return out
 
 
 def _largest_in_fwd_bwd(impl, n=96, h=16, v=300):

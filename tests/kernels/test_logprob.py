@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from largest_tensor import LargestTensor
 
 from fastgrpo.kernels import logprob as lp
 from fastgrpo.kernels.logprob import (
@@ -144,19 +143,6 @@ def test_empty_batch(impl, entropy):
 # ----------------------------------------------------------------------------------------------
 # memory: the torch path never holds an N x V tensor
 # ----------------------------------------------------------------------------------------------
-class LargestTensor(TorchDispatchMode):
-    """Records the largest numel among the outputs of every op run under it."""
-
-    def __init__(self):
-        super().__init__()
-        self.numel, self.op = 0, None
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.numel() > self.numel:
-                self.numel, self.op = t.numel(), func
-        return out
 
 
 def _largest_in_fwd_bwd(fn, n=96, h=16, v=300):
