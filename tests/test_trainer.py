@@ -93,3 +93,34 @@ def test_resume_continues_step_optimizer_and_data(tiny_model_dir, tmp_path):
         torch.testing.assert_close(opt_a["state"][k]["exp_avg_sq"], opt_b["state"][k]["exp_avg_sq"], rtol=0, atol=1e-9)
     assert json.loads((split / "checkpoint-3" / "trainer_state.json").read_text())["sampler"] == \
         json.loads((straight / "checkpoint-3" / "trainer_state.json").read_text())["sampler"]
+
+
+def test_reference_kl_and_several_passes_per_rollout(tiny_model_dir, tmp_path):
+    """beta > 0 loads a frozen reference and adds k3 KL; num_iterations = 2 reuses each rollout with
+    old log-probs, so the second pass sees ratios != 1."""
+    out = tmp_path / "kl"
+    train(tiny_config(tiny_model_dir, out, "transformers", "loss.beta=0.1", "train.num_iterations=2",
+                      "eval.before_and_after=false"))
+    steps = read_metrics(out)
+    assert [r["step"] for r in steps] == [1, 2]
+    # step 1 starts at the reference (KL 0); after two updates the policy has moved away from it
+    assert steps[0]["kl_mean"] == pytest.approx(0.0, abs=1e-6)
+    assert steps[1]["kl_mean"] > 1e-6
+
+
+def test_eval_command_on_a_real_eval_file(tiny_model_dir, tmp_path, capsys):
+    """`fastgrpo eval` end to end on rows of a shipped eval file: plumbing and grading, not the score."""
+    from pathlib import Path
+
+    from fastgrpo.cli import main
+
+    amc = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "eval" / "amc23.jsonl"
+    out = tmp_path / "results.json"
+    rc = main(["eval", "--model", str(tiny_model_dir), "--data", str(amc), "--limit", "3", "--samples", "2",
+               "--max-tokens", "8", "--engine", "transformers", "--output", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "amc23: n=3 pass@1=" in printed and "pass@2=" in printed
+    result = json.loads(out.read_text())["amc23"]
+    assert len(result["per_problem"]) == 3
+    assert all(len(p["completions"]) == 2 and len(p["correct"]) == 2 for p in result["per_problem"])
