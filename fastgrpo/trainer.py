@@ -32,13 +32,13 @@ import torch
 from tqdm.auto import tqdm
 
 from fastgrpo import checkpoint as ckpt
+from fastgrpo.attention import set_attention_backend
 from fastgrpo.config import Config, to_dict
 from fastgrpo.data import PromptSampler, build_messages, encode_prompt, load_task
 from fastgrpo.eval import evaluate
 from fastgrpo.kernels import fused_grpo_loss
 from fastgrpo.loss import group_advantages
 from fastgrpo.metrics import MetricsLogger
-from fastgrpo.attention import set_attention_backend
 from fastgrpo.model import (apply_liger_patches, lm_head_weight, load_policy, load_reference, load_tokenizer,
                             packed_hidden_states, packed_token_logprobs, resolve_model_path)
 from fastgrpo.optim import build_optimizer, build_scheduler
