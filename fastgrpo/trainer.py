@@ -43,6 +43,7 @@ from fastgrpo.model import (apply_liger_patches, lm_head_weight, load_policy, lo
                             packed_hidden_states, packed_token_logprobs, resolve_model_path)
 from fastgrpo.optim import build_optimizer, build_scheduler
 from fastgrpo.packing import pack_sequences, plan_microbatches
+from fastgrpo.phases import PhaseTimer
 from fastgrpo.rewards import compute_rewards, get_reward
 from fastgrpo.rollout import make_engine
 
@@ -58,6 +59,7 @@ class Rollout:
     completions: list[list[int]]
     sampler_logprobs: list[list[float]]
     advantages: torch.Tensor  # [B*G] float32
+    truncated: list[bool]  # the completion hit the length limit (finish_reason "length")
 
     def sequences(self, idx: list[int]) -> tuple[list[list[int]], list[list[int]]]:
         return [self.prompts[self.prompt_index[i]] for i in idx], [self.completions[i] for i in idx]
@@ -67,8 +69,11 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
-    """Run GRPO as configured; return the final metrics (held-out accuracy before/after included)."""
+def train(cfg: Config, resume: bool = False, timer: PhaseTimer | None = None) -> dict[str, Any]:
+    """Run GRPO as configured; return the final metrics (held-out accuracy before/after included).
+
+    ``timer`` times the phases of each step (``fastgrpo profile`` passes one that also tracks memory).
+    """
     out = Path(cfg.log.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.train.seed)
@@ -77,6 +82,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         get_reward(name)  # unknown reward names fail now, before any model loads
     train_problems, eval_problems = load_task(cfg.data, seed=cfg.train.seed)
     device = pick_device()
+    timer = timer or PhaseTimer(device)
 
     model_dir = resolve_model_path(cfg.model.path, cfg.model.cache_dir)
     start = latest = ckpt.latest_checkpoint(out) if resume else None
@@ -124,34 +130,36 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
             # 1. rollout: G completions per prompt, with the sampler's log-probs
             prompts = prompt_ids_of(problems)
-            t0 = time.perf_counter()
-            samples = engine.generate(prompts, n=cfg.rollout.num_generations, max_tokens=cfg.rollout.max_completion_length,
-                                      temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seed=cfg.train.seed * 100_003 + step)
-            rollout_s = time.perf_counter() - t0
+            with timer.phase("rollout"):
+                samples = engine.generate(prompts, n=cfg.rollout.num_generations, max_tokens=cfg.rollout.max_completion_length,
+                                          temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seed=cfg.train.seed * 100_003 + step)
 
             # 2. reward and 3. group-relative advantage
             texts = [s.text for s in samples]
             answers = [problems[s.prompt_index]["answer"] for s in samples]
-            rewards, per_reward = compute_rewards(cfg.rewards, texts, answers)
+            with timer.phase("reward"):
+                rewards, per_reward = compute_rewards(cfg.rewards, texts, answers)
             reward_t = torch.tensor(rewards, dtype=torch.float32)
             rollout = Rollout(prompts, [s.prompt_index for s in samples], [s.token_ids for s in samples],
                               [s.logprobs for s in samples],
-                              group_advantages(reward_t, cfg.rollout.num_generations, cfg.loss.scale_rewards))
+                              group_advantages(reward_t, cfg.rollout.num_generations, cfg.loss.scale_rewards),
+                              [s.finish_reason == "length" for s in samples])
 
             # 4.-6. pack, log-probs, loss, optimizer step(s)
             engine.sleep()
-            t0 = time.perf_counter()
-            stats = grpo_update(policy, reference, optimizer, rollout, cfg, device)
+            stats = grpo_update(policy, reference, optimizer, rollout, cfg, device, timer)
             scheduler.step()
-            train_s = time.perf_counter() - t0
             engine.wake_up()
 
             # 7. the rollout engine gets the new weights in place
-            sync_s = engine.sync_weights(policy)
+            with timer.phase("sync"):
+                engine.sync_weights(policy)
 
             # 8. log
             n_tokens = sum(len(c) for c in rollout.completions)
             step_s = time.perf_counter() - t_step
+            phase_s = timer.pop()
+            train_s = sum(phase_s.get(f"{p}_s", 0.0) for p in ("reference", "old_logprobs", "forward", "backward", "optimizer"))
             record = {
                 "step": step,
                 "reward_mean": reward_t.mean().item(),
@@ -160,10 +168,10 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
                 "accuracy": _mean(per_reward.get("accuracy")),
                 "format_rate": _mean(per_reward.get("format")),
                 "completion_len_mean": n_tokens / len(rollout.completions),
-                "truncated_frac": sum(s.finish_reason == "length" for s in samples) / len(samples),
+                "truncated_frac": sum(rollout.truncated) / len(samples),
                 **stats,
                 "lr": scheduler.get_last_lr()[0],
-                "rollout_s": rollout_s, "train_s": train_s, "sync_s": sync_s, "step_s": step_s,
+                **phase_s, "train_s": train_s, "step_s": step_s,
                 "completion_tokens": n_tokens,
                 "tokens_per_s": n_tokens / step_s,
             }
@@ -171,7 +179,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
                 record.update(run_eval(engine, tokenizer, eval_problems, cfg, step=step, logger=None, tag="during"))
             logger.log(record)
             bar.set_postfix(reward=f"{record['reward_mean']:.3f}", acc=f"{record['accuracy']:.2f}",
-                            step_s=f"{step_s:.1f}", sync_s=f"{sync_s:.2f}")
+                            step_s=f"{step_s:.1f}", sync_s=f"{phase_s['sync_s']:.2f}")
 
             # 9. checkpoint
             if step % cfg.log.checkpoint_every == 0 or step == cfg.train.max_steps:
@@ -186,8 +194,10 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     return summary
 
 
-def grpo_update(policy, reference, optimizer, rollout: Rollout, cfg: Config, device: torch.device) -> dict[str, float]:
+def grpo_update(policy, reference, optimizer, rollout: Rollout, cfg: Config, device: torch.device,
+                timer: PhaseTimer | None = None) -> dict[str, float]:
     """``train.num_iterations`` optimizer steps on one rollout; returns the step's training metrics."""
+    timer = timer or PhaseTimer(device)
     lengths = [len(rollout.prompts[p]) + len(c) for p, c in zip(rollout.prompt_index, rollout.completions)]
     plans = plan_microbatches(lengths, cfg.train.max_tokens_per_microbatch)
     batches = [pack_sequences(*rollout.sequences(idx)).to(device) for idx in plans]
@@ -198,8 +208,9 @@ def grpo_update(policy, reference, optimizer, rollout: Rollout, cfg: Config, dev
 
     # Log-probs that stay fixed over the passes: the reference's (beta > 0) and the "old" policy's
     # (only needed when more than one pass reuses the rollout; with one pass old == current).
-    with torch.no_grad():
+    with torch.no_grad(), timer.phase("reference"):
         ref_logps = [packed_token_logprobs(reference, b, temperature) for b in batches] if reference is not None else None
+    with torch.no_grad(), timer.phase("old_logprobs"):
         old_logps = [packed_token_logprobs(policy, b, temperature) for b in batches] if cfg.train.num_iterations > 1 else None
 
     stats: dict[str, float] = {}
@@ -210,15 +221,17 @@ def grpo_update(policy, reference, optimizer, rollout: Rollout, cfg: Config, dev
         for k, (idx, batch) in enumerate(zip(plans, batches)):
             # One pass over the LM head: log-probs, loss and the gradients w.r.t. the hidden states
             # and the head weight (3 matmuls, logits never materialized), then backward through the model.
-            loss, logp, entropy, metrics = fused_grpo_loss(
-                packed_hidden_states(policy, batch), lm_head_weight(policy), batch.targets,
-                old_logps[k] if old_logps else None, ref_logps[k] if ref_logps else None,
-                rollout.advantages[idx].to(device), batch.completion_cu_seqlens, temperature=temperature,
-                loss_type=lo.loss_type, epsilon_low=lo.epsilon_low, epsilon_high=lo.epsilon_high, beta=lo.beta,
-                max_completion_length=cfg.rollout.max_completion_length,
-                num_sequences=n_seqs, num_tokens=n_tokens, num_microbatches=len(plans), return_entropy=True,
-            )
-            loss.backward()
+            with timer.phase("forward"):
+                loss, logp, entropy, metrics = fused_grpo_loss(
+                    packed_hidden_states(policy, batch), lm_head_weight(policy), batch.targets,
+                    old_logps[k] if old_logps else None, ref_logps[k] if ref_logps else None,
+                    rollout.advantages[idx].to(device), batch.completion_cu_seqlens, temperature=temperature,
+                    loss_type=lo.loss_type, epsilon_low=lo.epsilon_low, epsilon_high=lo.epsilon_high, beta=lo.beta,
+                    max_completion_length=cfg.rollout.max_completion_length,
+                    num_sequences=n_seqs, num_tokens=n_tokens, num_microbatches=len(plans), return_entropy=True,
+                )
+            with timer.phase("backward"):
+                loss.backward()
             loss_total += loss.item()
             _accumulate(sums, metrics, weight=batch.targets.numel())
             entropy_sum += entropy.sum().item()
@@ -226,13 +239,14 @@ def grpo_update(policy, reference, optimizer, rollout: Rollout, cfg: Config, dev
                 # The rollout was sampled with exactly these weights: any gap is sync or numerics.
                 sampler_lp = torch.tensor([x for i in idx for x in rollout.sampler_logprobs[i]], dtype=torch.float32)
                 mismatch_sum += (logp.cpu() - sampler_lp).abs().sum().item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.train.max_grad_norm).item()
-        if math.isfinite(grad_norm) and math.isfinite(loss_total):
-            optimizer.step()
-            stats["skipped_steps"] = stats.get("skipped_steps", 0.0)
-        else:
-            log.warning("non-finite loss (%s) or grad norm (%s): update skipped", loss_total, grad_norm)
-            stats["skipped_steps"] = stats.get("skipped_steps", 0.0) + 1
+        with timer.phase("optimizer"):
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.train.max_grad_norm).item()
+            if math.isfinite(grad_norm) and math.isfinite(loss_total):
+                optimizer.step()
+                stats["skipped_steps"] = stats.get("skipped_steps", 0.0)
+            else:
+                log.warning("non-finite loss (%s) or grad norm (%s): update skipped", loss_total, grad_norm)
+                stats["skipped_steps"] = stats.get("skipped_steps", 0.0) + 1
         if it == 0:
             denom = max(1, n_tokens)
             stats.update({name: (v / denom if _is_mean(name) else v) for name, v in sums.items()})
