@@ -130,6 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         print(f"fastgrpo: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        from fastgrpo.trainer import TrainingStopped
+
+        if not isinstance(exc, TrainingStopped):
+            raise
+        print(f"fastgrpo: training stopped: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -330,5 +330,22 @@ def validate(cfg: Config) -> None:
             f"train.max_tokens_per_microbatch={t.max_tokens_per_microbatch} is smaller than one sequence "
             f"(rollout.max_completion_length={r.max_completion_length} plus the prompt)"
         )
+    if r.dynamic_sampling_rounds < 0:
+        raise ConfigError(f"rollout.dynamic_sampling_rounds must be >= 0 (0 = off), got {r.dynamic_sampling_rounds}")
+    for i, (from_step, length) in enumerate(r.length_stages):
+        if from_step < 1 or length < 1:
+            raise ConfigError(f"rollout.length_stages[{i}] = [{from_step}, {length}]: the step and the length must be >= 1")
+    steps = [from_step for from_step, _ in r.length_stages]
+    if steps != sorted(set(steps)):
+        raise ConfigError(f"rollout.length_stages: the stages' steps must increase, got {steps}")
+    longest = max([r.max_completion_length, *(length for _, length in r.length_stages)])
+    if t.max_tokens_per_microbatch < longest + 1:
+        raise ConfigError(
+            f"train.max_tokens_per_microbatch={t.max_tokens_per_microbatch} is smaller than one sequence of the "
+            f"longest length stage ({longest} completion tokens plus the prompt)")
+    if t.max_consecutive_nonfinite < 1:
+        raise ConfigError(f"train.max_consecutive_nonfinite must be >= 1, got {t.max_consecutive_nonfinite}")
+    if lo.tis_cap < 0 or 0 < lo.tis_cap < 1:
+        raise ConfigError(f"loss.tis_cap must be 0 (off) or >= 1 (a cap on the importance weight), got {lo.tis_cap}")
     if not cfg.data.levels or any(lv not in (1, 2, 3, 4) for lv in cfg.data.levels):
         raise ConfigError(f"data.levels must be a non-empty list of 1..4, got {list(cfg.data.levels)}")

@@ -20,6 +20,7 @@ Algorithm choices, each a config key (fastgrpo/config.py holds every default):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -45,7 +46,7 @@ from fastgrpo.optim import build_optimizer, build_scheduler
 from fastgrpo.packing import pack_sequences, plan_microbatches
 from fastgrpo.phases import PhaseTimer
 from fastgrpo.rewards import compute_rewards, get_reward
-from fastgrpo.rollout import make_engine
+from fastgrpo.rollout import Completion, make_engine
 
 log = logging.getLogger("fastgrpo")
 
@@ -67,6 +68,94 @@ class Rollout:
 
 def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (a failure it cannot train through); the message says how to go on."""
+
+
+def completion_limit(cfg: Config, step: int) -> int:
+    """The completion-length limit at ``step``: the last ``rollout.length_stages`` stage that has
+    begun (DeepScaleR's iterative lengthening), else ``rollout.max_completion_length``."""
+    limit = cfg.rollout.max_completion_length
+    for from_step, length in sorted(cfg.rollout.length_stages):
+        if step >= from_step:
+            limit = length
+    return limit
+
+
+def longest_completion(cfg: Config) -> int:
+    """The longest completion any stage asks for: the rollout engine is sized for it once."""
+    return max([cfg.rollout.max_completion_length, *(length for _, length in cfg.rollout.length_stages)])
+
+
+@dataclass
+class StepBatch:
+    """One step's prompts, completions (grouped by prompt, G each) and their rewards."""
+
+    prompts: list[list[int]]
+    samples: list[Completion]
+    rewards: list[float]
+    per_reward: dict[str, list[float]]
+    stats: dict[str, float]
+
+
+def collect_groups(engine, sampler, encode, cfg: Config, step: int, max_tokens: int, timer: PhaseTimer) -> StepBatch:
+    """Sample and reward ``rollout.prompts_per_step`` groups of G completions.
+
+    With DAPO dynamic sampling (``rollout.dynamic_sampling_rounds`` > 0), a group whose rewards all
+    agree has zero advantage everywhere and no policy-gradient signal: such groups are set aside and
+    fresh prompts are drawn, at most that many extra rounds. If the rounds run out, set-aside groups
+    fill the batch so its size (and the cost of a step) stays fixed.
+    """
+    G, want, rounds = cfg.rollout.num_generations, cfg.rollout.prompts_per_step, cfg.rollout.dynamic_sampling_rounds
+    informative: list[tuple] = []
+    flat: list[tuple] = []
+    drawn = 0
+    for round_ in range(rounds + 1):
+        problems = next(sampler)
+        prompts = encode(problems)
+        with timer.phase("rollout"):
+            samples = engine.generate(prompts, n=G, max_tokens=max_tokens, temperature=cfg.rollout.temperature,
+                                      top_p=cfg.rollout.top_p, seed=cfg.train.seed * 100_003 + step + round_ * 1_000_003)
+        texts = [s.text for s in samples]
+        answers = [problems[s.prompt_index]["answer"] for s in samples]
+        with timer.phase("reward"):
+            rewards, per_reward = compute_rewards(cfg.rewards, texts, answers)
+        drawn += len(problems)
+        for j, prompt in enumerate(prompts):
+            sl = slice(j * G, (j + 1) * G)
+            group = (prompt, samples[sl], rewards[sl], {k: v[sl] for k, v in per_reward.items()})
+            agree = max(group[2]) - min(group[2]) <= 1e-6
+            (flat if rounds and agree else informative).append(group)
+        if not rounds or len(informative) >= want:
+            break
+    groups = (informative + flat)[:want] if rounds else informative
+    batch = StepBatch([], [], [], {k: [] for k in groups[0][3]}, {})
+    for j, (prompt, group_samples, group_rewards, group_per_reward) in enumerate(groups):
+        batch.prompts.append(prompt)
+        batch.samples.extend(dataclasses.replace(s, prompt_index=j) for s in group_samples)
+        batch.rewards.extend(group_rewards)
+        for k, v in group_per_reward.items():
+            batch.per_reward[k].extend(v)
+    if rounds:
+        batch.stats = {"dynamic_flat_frac": len(flat) / drawn, "dynamic_prompts_drawn": float(drawn),
+                       "dynamic_flat_in_batch": float(max(0, want - len(informative)))}
+    return batch
+
+
+def save_on_failure(out: Path, step: int, policy, tokenizer, optimizer, scheduler, sampler_state: dict, cfg: Config) -> str:
+    """Checkpoint the last finished step after a failure, unless it is saved already; says what it did."""
+    latest = ckpt.latest_checkpoint(out)
+    if step < 1 or (latest is not None and latest.name == f"checkpoint-{step}"):
+        return f"the newest checkpoint is {latest}" if latest else "no step had finished, nothing to save"
+    try:
+        path = ckpt.save_checkpoint(out, step, policy, tokenizer, optimizer, scheduler,
+                                    {"sampler": sampler_state, "config": to_dict(cfg)}, keep_last=cfg.log.keep_last)
+    except Exception as exc:  # the original failure matters more than this one
+        log.error("could not save a checkpoint after the failure: %s", exc)
+        return f"saving a checkpoint failed too ({exc}); the newest is {latest}"
+    return f"step {step} was saved to {path}"
 
 
 def train(cfg: Config, resume: bool = False, timer: PhaseTimer | None = None) -> dict[str, Any]:
@@ -113,7 +202,7 @@ def train(cfg: Config, resume: bool = False, timer: PhaseTimer | None = None) ->
     engine = make_engine(
         cfg.rollout.engine, model_path=str(latest or model_dir), model=policy, tokenizer=tokenizer,
         dtype=cfg.rollout.dtype, seed=cfg.train.seed,
-        max_model_len=cfg.rollout.max_model_len or longest_prompt + 64 + max(cfg.rollout.max_completion_length, cfg.eval.max_completion_length or 0),
+        max_model_len=cfg.rollout.max_model_len or longest_prompt + 64 + max(longest_completion(cfg), cfg.eval.max_completion_length or 0),
         gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
         enable_sleep_mode=cfg.rollout.enable_sleep_mode, cpu_kvcache_gb=cfg.rollout.cpu_kvcache_gb,
     )
@@ -124,30 +213,30 @@ def train(cfg: Config, resume: bool = False, timer: PhaseTimer | None = None) ->
             summary["eval_before"] = run_eval(engine, tokenizer, eval_problems, cfg, step=0, logger=logger, tag="before")
 
         bar = tqdm(range(first_step, cfg.train.max_steps + 1), desc="GRPO", unit="step", dynamic_ncols=True)
+        nonfinite_in_a_row = 0
         for step in bar:
             t_step = time.perf_counter()
-            problems = next(sampler)
-
-            # 1. rollout: G completions per prompt, with the sampler's log-probs
-            prompts = prompt_ids_of(problems)
-            with timer.phase("rollout"):
-                samples = engine.generate(prompts, n=cfg.rollout.num_generations, max_tokens=cfg.rollout.max_completion_length,
-                                          temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seed=cfg.train.seed * 100_003 + step)
-
-            # 2. reward and 3. group-relative advantage
-            texts = [s.text for s in samples]
-            answers = [problems[s.prompt_index]["answer"] for s in samples]
-            with timer.phase("reward"):
-                rewards, per_reward = compute_rewards(cfg.rewards, texts, answers)
-            reward_t = torch.tensor(rewards, dtype=torch.float32)
-            rollout = Rollout(prompts, [s.prompt_index for s in samples], [s.token_ids for s in samples],
+            sampler_before = sampler.state_dict()
+            max_tokens = completion_limit(cfg, step)
+            try:
+                # 1.-2. rollout (G completions per prompt, with the sampler's log-probs) and rewards
+                batch = collect_groups(engine, sampler, prompt_ids_of, cfg, step, max_tokens, timer)
+            except Exception as exc:
+                # Nothing of this step has touched the weights: the last finished step is saved.
+                saved = save_on_failure(out, step - 1, policy, tokenizer, optimizer, scheduler, sampler_before, cfg)
+                raise TrainingStopped(f"the rollout engine failed at step {step} ({type(exc).__name__}: {exc}); "
+                                      f"{saved}. Continue with: fastgrpo train --resume {out}") from exc
+            samples = batch.samples
+            # 3. group-relative advantage, one value per completion
+            reward_t = torch.tensor(batch.rewards, dtype=torch.float32)
+            rollout = Rollout(batch.prompts, [s.prompt_index for s in samples], [s.token_ids for s in samples],
                               [s.logprobs for s in samples],
                               group_advantages(reward_t, cfg.rollout.num_generations, cfg.loss.scale_rewards),
                               [s.finish_reason == "length" for s in samples])
 
             # 4.-6. pack, log-probs, loss, optimizer step(s)
             engine.sleep()
-            stats = grpo_update(policy, reference, optimizer, rollout, cfg, device, timer)
+            stats = grpo_update(policy, reference, optimizer, rollout, cfg, device, timer, max_tokens)
             scheduler.step()
             engine.wake_up()
 
@@ -160,6 +249,7 @@ def train(cfg: Config, resume: bool = False, timer: PhaseTimer | None = None) ->
             step_s = time.perf_counter() - t_step
             phase_s = timer.pop()
             train_s = sum(phase_s.get(f"{p}_s", 0.0) for p in ("reference", "old_logprobs", "forward", "backward", "optimizer"))
+            per_reward = batch.per_reward
             record = {
                 "step": step,
                 "reward_mean": reward_t.mean().item(),
@@ -169,6 +259,8 @@ def train(cfg: Config, resume: bool = False, timer: PhaseTimer | None = None) ->
                 "format_rate": _mean(per_reward.get("format")),
                 "completion_len_mean": n_tokens / len(rollout.completions),
                 "truncated_frac": sum(rollout.truncated) / len(samples),
+                "max_completion_length": max_tokens,
+                **batch.stats,
                 **stats,
                 "lr": scheduler.get_last_lr()[0],
                 **phase_s, "train_s": train_s, "step_s": step_s,
@@ -181,7 +273,15 @@ def train(cfg: Config, resume: bool = False, timer: PhaseTimer | None = None) ->
             bar.set_postfix(reward=f"{record['reward_mean']:.3f}", acc=f"{record['accuracy']:.2f}",
                             step_s=f"{step_s:.1f}", sync_s=f"{phase_s['sync_s']:.2f}")
 
-            # 9. checkpoint
+            # 9. checkpoint; a run whose updates keep coming out non-finite stops here with one
+            nonfinite_in_a_row = nonfinite_in_a_row + 1 if stats["skipped_steps"] else 0
+            if nonfinite_in_a_row >= cfg.train.max_consecutive_nonfinite:
+                ckpt.save_checkpoint(out, step, policy, tokenizer, optimizer, scheduler,
+                                     {"sampler": sampler.state_dict(), "config": to_dict(cfg)}, keep_last=cfg.log.keep_last)
+                raise TrainingStopped(
+                    f"{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (train.max_consecutive_nonfinite="
+                    f"{cfg.train.max_consecutive_nonfinite}); weights are those of the last finite update, saved in "
+                    f"{out}/checkpoint-{step}. Lower train.learning_rate or check the data, then --resume {out}")
             if step % cfg.log.checkpoint_every == 0 or step == cfg.train.max_steps:
                 ckpt.save_checkpoint(out, step, policy, tokenizer, optimizer, scheduler,
                                      {"sampler": sampler.state_dict(), "config": to_dict(cfg)}, keep_last=cfg.log.keep_last)
@@ -195,7 +295,7 @@ def train(cfg: Config, resume: bool = False, timer: PhaseTimer | None = None) ->
 
 
 def grpo_update(policy, reference, optimizer, rollout: Rollout, cfg: Config, device: torch.device,
-                timer: PhaseTimer | None = None) -> dict[str, float]:
+                timer: PhaseTimer | None = None, max_completion_length: int | None = None) -> dict[str, float]:
     """``train.num_iterations`` optimizer steps on one rollout; returns the step's training metrics."""
     timer = timer or PhaseTimer(device)
     lengths = [len(rollout.prompts[p]) + len(c) for p, c in zip(rollout.prompt_index, rollout.completions)]
@@ -227,7 +327,7 @@ def grpo_update(policy, reference, optimizer, rollout: Rollout, cfg: Config, dev
                     old_logps[k] if old_logps else None, ref_logps[k] if ref_logps else None,
                     rollout.advantages[idx].to(device), batch.completion_cu_seqlens, temperature=temperature,
                     loss_type=lo.loss_type, epsilon_low=lo.epsilon_low, epsilon_high=lo.epsilon_high, beta=lo.beta,
-                    max_completion_length=cfg.rollout.max_completion_length,
+                    max_completion_length=max_completion_length or cfg.rollout.max_completion_length,
                     num_sequences=n_seqs, num_tokens=n_tokens, num_microbatches=len(plans), return_entropy=True,
                 )
             with timer.phase("backward"):
