@@ -19,9 +19,15 @@ Layers:
                                                  unfused naive composition, differentiated by autograd
 
 Nothing here has its own copy of the loss: the per-token derivative, the loss value, the metrics and
-the aggregation weights all come from grpo_loss (its torch or Triton launchers and LOSS_AGGREGATIONS),
-and the Triton path runs logprob's existing kernels (forward, then backward with dloss/dlogp).
+the aggregation weights all come from grpo_loss (prepare_loss_inputs, loss_grad, loss_value), and the
+Triton path runs logprob's existing kernels (forward, then backward with dloss/dlogp).
 The Triton path therefore still computes the logits twice (its backward kernel recomputes them).
+
+The sequence level (GSPO) breaks "dloss/dlogp_t is known as soon as logp_t is": the ratio s_i needs
+every logp of sequence i. The Triton path has all logp before its backward anyway. The torch path
+then runs a logp-only chunked pass first (4 matmul-sized products instead of 3), except with
+old_logp None and no TIS, where s_i = 1 whatever logp is and the policy-gradient part of the
+gradient is known up front (one pass, the k3 part added per chunk).
 
 Memory: O(chunk x V) on the torch path (one fp32 [chunk, V] buffer, two with entropy; chunk =
 max(512, 2**25 // V) tokens by default), plus the gradients held from the forward to the backward:
@@ -30,7 +36,7 @@ backward hands to autograd without a copy.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -58,7 +64,7 @@ MIN_CHUNK_TOKENS = 512
 class FusedGRPOParams:
     """Every option of FusedGRPOFunction.
 
-    impl: "torch" or "triton" (already resolved). loss: the clipping/KL options of grpo_loss.
+    impl: "torch" or "triton" (already resolved); the loss's options travel in grpo_loss.LossInputs.
     chunk_tokens: tokens per chunk of the torch path (None: max(MIN_CHUNK_TOKENS,
       FUSED_CHUNK_ELEMENTS // V)).
     hidden_needs_grad / weight_needs_grad: which gradients the forward computes (a frozen LM head
@@ -68,7 +74,6 @@ class FusedGRPOParams:
     temperature: float
     return_entropy: bool
     impl: str
-    loss: gl.GRPOLossParams
     chunk_tokens: int | None = None
     hidden_needs_grad: bool = True
     weight_needs_grad: bool = True
@@ -79,11 +84,13 @@ def _chunk_tokens(n: int, v: int, params: FusedGRPOParams) -> int:
     return max(1, min(n, chunk))
 
 
-def _torch_chunk(rows: slice, hidden, weight, targets, old_logp, ref_logp, advantages, scale,
+def _torch_chunk(rows: slice, hidden, weight, targets, inputs: gl.LossInputs, policy_grad,
                  params: FusedGRPOParams, logits_buf, exp_buf, out_logp, out_entropy, grad_hidden,
                  grad_weight, needs_grad: bool) -> None:
     """One chunk of fused_forward_torch: fills out_logp[rows] (and out_entropy[rows]), writes
-    grad_hidden[rows] and adds into grad_weight. logits_buf / exp_buf: fp32 [>= chunk, V] scratch."""
+    grad_hidden[rows] and adds into grad_weight. logits_buf / exp_buf: fp32 [>= chunk, V] scratch.
+    policy_grad: None (token level: each token's gradient from its own logp) or [N], the
+    policy-gradient part of dloss/dlogp computed from whole sequences (the k3 part is added here)."""
     n = rows.stop - rows.start
     hidden_chunk, target_chunk = hidden[rows], targets[rows, None]
     z = lp._chunk_logits(hidden_chunk, weight, params.temperature, logits_buf[:n])
@@ -93,7 +100,7 @@ def _torch_chunk(rows: slice, hidden, weight, targets, old_logp, ref_logp, advan
     if params.return_entropy:  # H = log s - sum e (z - m) / s: needs e and z - m at once
         e = torch.exp(z, out=exp_buf[:n])
         sum_exp = e.sum(1)
-        out_entropy[rows] = sum_exp.log() - torch.linalg.vecdot(e, z, dim=1) / sum_exp
+        out_entropy[rows] = sum_exp.log() - lp.rowwise_dot(e, z) / sum_exp
     else:
         e = z.exp_()
         sum_exp = e.sum(1)
@@ -101,9 +108,11 @@ def _torch_chunk(rows: slice, hidden, weight, targets, old_logp, ref_logp, advan
     out_logp[rows] = logp
     if not needs_grad:
         return
-    grad_logp = gl.grpo_loss_backward_torch(
-        torch.ones((), device=logp.device), logp, logp if old_logp is None else old_logp[rows],
-        None if ref_logp is None else ref_logp[rows], advantages[rows], scale[rows], params.loss).float()
+    if policy_grad is None:
+        grad_logp = gl.loss_grad(logp, inputs, rows).float()
+    else:
+        ref = None if inputs.ref_logp is None else inputs.ref_logp[rows]
+        grad_logp = (policy_grad[rows] + gl.kl_grad_torch(logp, ref, inputs.scale[rows], inputs.params.beta)).float()
     dlogits = e.mul_((grad_logp / -sum_exp)[:, None])  # -p * g
     dlogits.scatter_add_(1, target_chunk, grad_logp[:, None])  # + onehot * g
     if params.temperature != 1.0:
@@ -119,15 +128,25 @@ def _torch_chunk(rows: slice, hidden, weight, targets, old_logp, ref_logp, advan
             grad_weight += dlogits.T @ hidden_chunk
 
 
-def fused_forward_torch(hidden, weight, targets, old_logp, ref_logp, advantages, scale,
-                        params: FusedGRPOParams):
-    """Chunked torch pass. hidden [N, H], weight [V, H], targets [N] int64; old_logp (None: logp
-    itself), ref_logp (or None), advantages, scale [N] -> (logp [N] fp32, entropy [N] fp32 or None,
+def _sequence_policy_grad(hidden, weight, targets, inputs: gl.LossInputs, params: FusedGRPOParams):
+    """[N] the policy-gradient part of dloss/dlogp at the sequence level (no k3 term)."""
+    if inputs.old_logp is None and inputs.sampler_logp is None:
+        logp = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)  # s_i = exp(0) = 1 for any logp
+    else:
+        logp_only = replace(params, return_entropy=False, hidden_needs_grad=False, weight_needs_grad=False)
+        logp = fused_forward_torch(hidden, weight, targets, inputs, logp_only)[0]
+    without_kl = replace(inputs, ref_logp=None, params=replace(inputs.params, beta=0.0))
+    return gl.loss_grad(logp, without_kl)
+
+
+def fused_forward_torch(hidden, weight, targets, inputs: gl.LossInputs, params: FusedGRPOParams):
+    """Chunked torch pass. hidden [N, H], weight [V, H], targets [N] int64; inputs: the loss's
+    (grpo_loss.prepare_loss_inputs) -> (logp [N] fp32, entropy [N] fp32 or None,
     grad_hidden [N, H] in hidden's dtype or None, grad_weight [V, H] in weight's dtype or None), the
     gradients of sum_t scale_t * l_t (upstream gradient 1).
 
     Per chunk c (z = logits / T, e = exp(z - max z), s = sum e, p = e / s):
-        logp = z[target] - (max z + log s);  g = scale * dl/dlogp  (grpo_loss_backward_torch)
+        logp = z[target] - (max z + log s);  g = dloss/dlogp  (grpo_loss.loss_grad)
         dlogits = (onehot - p) * g / T;  grad_hidden[c] = dlogits @ W;  grad_weight += dlogits.T @ h_c
     """
     N, H = hidden.shape
@@ -138,31 +157,32 @@ def fused_forward_torch(hidden, weight, targets, old_logp, ref_logp, advantages,
     acc_dtype = torch.float32 if weight.element_size() < 4 else weight.dtype
     grad_weight = (torch.zeros(V, H, device=weight.device, dtype=acc_dtype)
                    if params.weight_needs_grad else None)
+    needs_grad = params.hidden_needs_grad or params.weight_needs_grad
+    policy_grad = None
+    if needs_grad and inputs.params.importance_sampling_level == "sequence":
+        policy_grad = _sequence_policy_grad(hidden, weight, targets, inputs, params)
     chunk = _chunk_tokens(N, V, params)
     logits_buf = hidden.new_empty(chunk, V, dtype=torch.float32)
     exp_buf = torch.empty_like(logits_buf) if params.return_entropy else None
     for start in range(0, N, chunk):
-        _torch_chunk(slice(start, min(start + chunk, N)), hidden, weight, targets, old_logp, ref_logp,
-                     advantages, scale, params, logits_buf, exp_buf, logp, entropy, grad_hidden, grad_weight,
-                     needs_grad=params.hidden_needs_grad or params.weight_needs_grad)
+        _torch_chunk(slice(start, min(start + chunk, N)), hidden, weight, targets, inputs, policy_grad,
+                     params, logits_buf, exp_buf, logp, entropy, grad_hidden, grad_weight, needs_grad)
     del logits_buf, exp_buf  # freed before a 16-bit weight's gradient is converted below
     if grad_weight is not None:
         grad_weight = grad_weight.to(weight.dtype)
     return logp, entropy, grad_hidden, grad_weight
 
 
-def fused_forward_triton(hidden, weight, targets, old_logp, ref_logp, advantages, scale,
-                         params: FusedGRPOParams):
+def fused_forward_triton(hidden, weight, targets, inputs: gl.LossInputs, params: FusedGRPOParams):
     """Same contract as fused_forward_torch, with logprob's Triton forward and backward launchers
-    and grpo_loss's Triton backward kernel for dloss/dlogp (one launch each)."""
+    and grpo_loss's Triton backward kernel for dloss/dlogp (one launch each; torch segment sums at
+    the sequence level)."""
     lp_params = lp.LogprobParams(temperature=params.temperature, return_entropy=params.return_entropy,
                                  impl="triton")
     logp, lse, entropy = lp.logprob_forward(hidden, weight, targets, lp_params)
     if not (params.hidden_needs_grad or params.weight_needs_grad):
         return logp, entropy, None, None
-    one = torch.ones((), device=hidden.device, dtype=torch.float32)
-    grad_logp = gl.grpo_loss_backward(one, logp, logp if old_logp is None else old_logp, ref_logp,
-                                      advantages, scale, params.loss)
+    grad_logp = gl.loss_grad(logp, inputs)
     # grad_entropy None: the entropy is a metric here, so the backward kernel skips its term.
     grad_hidden, grad_weight = lp.logprob_backward(hidden, weight, targets, lse, entropy, grad_logp.float(),
                                                    None, lp_params, needs_weight_grad=params.weight_needs_grad)
@@ -170,30 +190,29 @@ def fused_forward_triton(hidden, weight, targets, old_logp, ref_logp, advantages
 
 
 class FusedGRPOFunction(torch.autograd.Function):
-    """(hidden [N, H], weight [V, H], targets [N], old_logp [N] or None, ref_logp [N] or None,
-    advantages [N], scale [N], token_weights [N] or None, params) ->
-    (loss [] fp32, logp [N], entropy [N] (empty when not asked for), stats [P, 8]).
+    """(hidden [N, H], weight [V, H], targets [N], inputs: grpo_loss.LossInputs, params) ->
+    (loss [] fp32, logp [N], entropy [N] (empty when not asked for), metric summary [8],
+    TIS sums [2] (empty when TIS is off)).
 
     The forward computes the input gradients of the loss and keeps them (not hidden or weight);
     backward scales them by the upstream gradient in place and returns them, so the graph can be
     backpropagated once. Only the loss is differentiable."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, old_logp, ref_logp, advantages, scale, token_weights,
-                params: FusedGRPOParams):
+    def forward(ctx, hidden, weight, targets, inputs: gl.LossInputs, params: FusedGRPOParams):
         forward = fused_forward_triton if params.impl == "triton" else fused_forward_torch
-        logp, entropy, grad_hidden, grad_weight = forward(hidden, weight, targets, old_logp, ref_logp,
-                                                          advantages, scale, params)
-        loss_forward = gl.grpo_loss_forward if params.impl == "triton" else gl.grpo_loss_forward_torch
-        loss, stats = loss_forward(logp, logp if old_logp is None else old_logp, ref_logp, advantages,
-                                   scale, token_weights, params.loss)
+        logp, entropy, grad_hidden, grad_weight = forward(hidden, weight, targets, inputs, params)
+        loss, summary = gl.loss_value(logp, inputs)
+        tis_sums = inputs.tis_sums(logp)
         # Held as attributes, not saved tensors: backward scales them in place and hands them over,
         # so the weight gradient never exists twice (a copy would add 934 MB at Qwen2-1.5B's head).
         ctx.grads = (grad_hidden, grad_weight)
         if entropy is None:
             entropy = logp.new_empty(0)
-        ctx.mark_non_differentiable(logp, entropy, stats)
-        return loss, logp, entropy, stats
+        if tis_sums is None:
+            tis_sums = logp.new_empty(0)
+        ctx.mark_non_differentiable(logp, entropy, summary, tis_sums)
+        return loss, logp, entropy, summary, tis_sums
 
     @staticmethod
     def backward(ctx, grad_loss, *unused_grads):
@@ -206,53 +225,7 @@ class FusedGRPOFunction(torch.autograd.Function):
         skip = grad_loss.device.type == "cpu" and grad_loss.item() == 1.0
         if not skip:
             grads = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]
-        return (*grads, None, None, None, None, None, None, None)
-
-
-def _loss_inputs(n: int, device, old_logp, ref_logp, advantages, cu_seqlens, loss_type, epsilon_low,
-                 epsilon_high, beta, max_completion_length, num_sequences, num_tokens, num_microbatches,
-                 token_weights):
-    """grpo_token_loss's argument checks and set-up, for a logp of n fp32 values not computed yet.
-    Returns (old_logp or None, ref_logp or None, advantages [n], token_weights or None, scale [n],
-    GRPOLossParams); the aggregation is grpo_loss.token_scales (LOSS_AGGREGATIONS)."""
-    if loss_type not in gl.LOSS_AGGREGATIONS:
-        raise ValueError(f"unknown loss_type {loss_type!r}; valid: {sorted(gl.LOSS_AGGREGATIONS)}")
-    for name, value in (("epsilon_low", epsilon_low), ("epsilon_high", epsilon_high), ("beta", beta)):
-        gl._check_number(name, value)
-    if ref_logp is None and beta > 0:
-        raise ValueError(f"beta={beta} > 0 needs ref_logp; pass reference log-probs or beta=0.0")
-    if loss_type == "dr_grpo":
-        if max_completion_length is None:
-            raise ValueError("loss_type='dr_grpo' needs max_completion_length (an int >= 1), got None")
-        gl._check_int("max_completion_length", max_completion_length, 1)
-    gl._check_int("num_microbatches", num_microbatches, 1)
-    if num_tokens is not None:
-        gl._check_number("num_tokens", num_tokens, positive=True)
-    logp_like = torch.empty(n, device=device, dtype=torch.float32)  # shape/device stand-in
-    for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp), ("token_weights", token_weights)):
-        if x is not None:
-            gl._check_float_tensor(name, x, (logp_like.shape,), device)
-    gl._check_cu_seqlens(cu_seqlens, logp_like, token_weights)
-    num_local_sequences = cu_seqlens.numel() - 1
-    gl._check_float_tensor("advantages", advantages, ((n,), (num_local_sequences,)), device)
-    if num_sequences is None:
-        num_sequences = num_local_sequences
-    else:
-        gl._check_int("num_sequences", num_sequences, max(num_local_sequences, 1))
-    seq_ids = gl.sequence_ids(cu_seqlens, n)
-    advantages = advantages.detach().float()
-    if advantages.shape != (n,):
-        advantages = advantages[seq_ids]
-    weights = None if token_weights is None else token_weights.detach().float()
-    scale_weights = torch.ones(n, device=device) if weights is None else weights
-    batch = gl.PackedBatch(seq_ids, cu_seqlens, scale_weights, num_sequences,
-                           scale_weights.sum() if num_tokens is None else num_tokens,
-                           num_microbatches, max_completion_length)
-    scale = gl.token_scales(loss_type, batch)
-    old_logp = None if old_logp is None else old_logp.detach().float()
-    ref_logp = None if ref_logp is None else ref_logp.detach().float()
-    params = gl.GRPOLossParams(1.0 - epsilon_low, 1.0 + epsilon_high, float(beta), use_triton=False)
-    return old_logp, ref_logp, advantages, weights, scale, params
+        return (*grads, None, None, None)
 
 
 def fused_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logp: Tensor | None,
@@ -261,22 +234,29 @@ def fused_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logp: T
                     epsilon_high: float = 0.2, beta: float = 0.0, max_completion_length: int | None = None,
                     num_sequences: int | None = None, num_tokens: int | float | None = None,
                     num_microbatches: int = 1, token_weights: Tensor | None = None,
+                    importance_sampling_level: str = "token", sampler_logp: Tensor | None = None,
+                    tis_cap: float = 0.0, sequence_mask: Tensor | None = None,
                     return_entropy: bool = False, impl: str = "auto", chunk_tokens: int | None = None):
     """GRPO loss of the completion tokens from hidden states and the LM head, in one pass.
 
         loss == grpo_token_loss(token_logprobs(hidden, weight, targets, temperature), old_logp,
                                 ref_logp, advantages, cu_seqlens, loss_type, ...)[0]
 
-    (see grpo_token_loss for the loss formula, the aggregation modes and the metrics). The forward
+    (see grpo_token_loss for the loss formula, the aggregation modes, the sequence-level ratio
+    (GSPO), truncated importance sampling, sequence_mask and the metrics). The forward
     also computes the gradients w.r.t. hidden and weight (for those that require grad while grad
     mode is on), so the logits are computed once and the [N, V] logits never exist: peak extra
     memory O(chunk x V) on the torch path, plus grad_hidden [N, H] and grad_weight [V, H] held
     until backward. Call backward() on the loss (or on anything linear in it) to receive them.
+    (At the sequence level with old_logp or TIS, the torch path computes the logits twice: see the
+    module docstring.)
 
     Args:
         hidden [N, H], weight [V, H]: float16/bfloat16/float32, one dtype; targets [N] integer ids.
-        old_logp, ref_logp, token_weights [N] float or None; advantages [N] or [S];
-        cu_seqlens [S+1] int32/int64 over the N tokens; the options as in grpo_token_loss.
+        old_logp, ref_logp, token_weights, sampler_logp [N] float or None; advantages [N] or [S];
+        cu_seqlens [S+1] int32/int64 over the N tokens; sequence_mask [S] bool or None; the options
+        as in grpo_token_loss. With tis_cap > 0 and old_logp None, the TIS weight uses this pass's
+        logp (the trainer's log-prob of the rollout when one pass uses it).
         return_entropy: also return the entropy [N] of softmax(logits / T) (a metric, no gradient).
         impl: "auto" (Triton on CUDA, else torch), "triton", "torch", "reference" (the unfused naive
             composition, which materializes the logits).
@@ -284,35 +264,36 @@ def fused_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logp: T
             FUSED_CHUNK_ELEMENTS // V), see their comment for the measurements).
     Returns:
         (loss [] float32, logp [N] float32 detached, entropy [N] float32 detached or None,
-         metrics dict of grpo_loss.METRIC_NAMES -> float).
+         metrics dict of grpo_loss.METRIC_NAMES (+ TIS_METRIC_NAMES when tis_cap > 0) -> float).
     """
     lp._check_inputs(hidden, weight, targets, temperature)
     resolved = lp.resolve_impl(impl, hidden)
+    options = dict(loss_type=loss_type, epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta,
+                   max_completion_length=max_completion_length, num_sequences=num_sequences,
+                   num_tokens=num_tokens, num_microbatches=num_microbatches, token_weights=token_weights,
+                   importance_sampling_level=importance_sampling_level, sampler_logp=sampler_logp,
+                   tis_cap=tis_cap, sequence_mask=sequence_mask)
     if resolved == "reference":
         out = lp.token_logprobs(hidden, weight, targets, temperature, return_entropy, impl="reference")
         logp, entropy = out if return_entropy else (out, None)
-        loss, metrics = gl.grpo_token_loss(
-            logp, old_logp, ref_logp, advantages, cu_seqlens, loss_type, epsilon_low, epsilon_high, beta,
-            max_completion_length, impl="reference", num_sequences=num_sequences, num_tokens=num_tokens,
-            num_microbatches=num_microbatches, token_weights=token_weights)
+        loss, metrics = gl.grpo_token_loss(logp, old_logp, ref_logp, advantages, cu_seqlens, impl="reference",
+                                           **options)
         return loss, logp.detach(), (None if entropy is None else entropy.detach()), metrics
     if chunk_tokens is not None:
         gl._check_int("chunk_tokens", chunk_tokens, 1)
     n = hidden.shape[0]
-    old_logp, ref_logp, advantages, weights, scale, loss_params = _loss_inputs(
-        n, hidden.device, old_logp, ref_logp, advantages, cu_seqlens, loss_type, epsilon_low, epsilon_high,
-        beta, max_completion_length, num_sequences, num_tokens, num_microbatches, token_weights)
+    logp_like = torch.empty(n, device=hidden.device, dtype=torch.float32)  # shape/device stand-in
+    inputs = gl.prepare_loss_inputs(logp_like, old_logp, ref_logp, advantages, cu_seqlens,
+                                    use_triton=resolved == "triton", **options)
     grad_on = torch.is_grad_enabled()
     params = FusedGRPOParams(
         temperature=float(temperature), return_entropy=bool(return_entropy), impl=resolved,
-        loss=gl.GRPOLossParams(loss_params.ratio_low, loss_params.ratio_high, loss_params.beta,
-                               use_triton=resolved == "triton"),
         chunk_tokens=chunk_tokens, hidden_needs_grad=grad_on and hidden.requires_grad,
         weight_needs_grad=grad_on and weight.requires_grad)
     if n == 0:  # a zero still connected to both inputs, so that backward() works on every rank
         loss = (hidden.sum() + weight.sum() * 0).float() * 0.0
         empty = hidden.new_empty(0, dtype=torch.float32)
-        return loss, empty, (empty if return_entropy else None), dict.fromkeys(gl.METRIC_NAMES, 0.0)
-    loss, logp, entropy, stats = FusedGRPOFunction.apply(hidden, weight, targets.long(), old_logp, ref_logp,
-                                                         advantages, scale, weights, params)
-    return loss, logp, (entropy if return_entropy else None), gl._metrics_from_stats(stats)
+        return loss, empty, (empty if return_entropy else None), gl.zero_metrics(inputs.sampler_logp is not None)
+    loss, logp, entropy, summary, tis_sums = FusedGRPOFunction.apply(hidden, weight, targets.long(), inputs, params)
+    metrics = gl.finish_metrics(summary, tis_sums if tis_sums.numel() else None)
+    return loss, logp, (entropy if return_entropy else None), metrics

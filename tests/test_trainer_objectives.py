@@ -1,0 +1,69 @@
+"""grpo_update with the loss options wired in: GSPO's sequence-level ratio, truncated importance
+sampling against the sampler's log-probs, and loss.mask_truncated, on the tiny random model."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fastgrpo.config import load_config
+from fastgrpo.model import load_policy, packed_token_logprobs
+from fastgrpo.optim import build_optimizer
+from fastgrpo.packing import pack_sequences
+from fastgrpo.trainer import Rollout, grpo_update
+
+CAP = 2.0
+
+
+def _rollout(policy, truncated):
+    """4 completions of 2 prompts. The sampler's log-probs sit 1.0 above the trainer's on every
+    other token (weight e^-1, under the cap) and 1.0 below on the rest (e^1 > CAP: capped)."""
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(10, 1000, (n,), generator=g).tolist() for n in (5, 3)]
+    completions = [torch.randint(10, 1000, (n,), generator=g).tolist() for n in (1, 6, 4, 7)]
+    prompt_index = [0, 0, 1, 1]
+    with torch.no_grad():
+        logp = packed_token_logprobs(policy, pack_sequences([prompts[p] for p in prompt_index], completions))
+    shift = torch.tensor([1.0 if t % 2 == 0 else -1.0 for t in range(logp.numel())])
+    sampler = (logp + shift).tolist()
+    per_sequence, start = [], 0
+    for c in completions:
+        per_sequence.append(sampler[start:start + len(c)])
+        start += len(c)
+    return Rollout(prompts, prompt_index, completions, per_sequence, torch.tensor([1.0, -1.0, 0.5, -0.5]),
+                   truncated), shift
+
+
+def _update(model_dir, truncated, *overrides):
+    cfg = load_config(None, [f"model.path={model_dir}", "loss.importance_sampling_level=sequence",
+                             f"loss.tis_cap={CAP}", "loss.mask_truncated=true", "loss.epsilon_low=0.0003",
+                             "loss.epsilon_high=0.0004", "train.learning_rate=1e-3", "train.warmup_steps=0",
+                             "train.max_tokens_per_microbatch=4096", *overrides])
+    policy = load_policy(model_dir)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    rollout, shift = _rollout(policy, truncated)
+    stats = grpo_update(policy, None, build_optimizer(policy.parameters(), cfg.train), rollout, cfg,
+                        torch.device("cpu"))
+    changed = any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
+    return stats, changed, rollout, shift
+
+
+def test_gspo_tis_and_mask_truncated_through_grpo_update(tiny_model_dir):
+    truncated = [False, True, False, True]
+    stats, changed, rollout, shift = _update(tiny_model_dir, truncated)
+    assert changed and math.isfinite(stats["loss"]) and stats["grad_norm"] > 0
+    # TIS metrics over the kept sequences' tokens only (one micro-batch)
+    kept = torch.cat([torch.full((len(c),), not t) for c, t in zip(rollout.completions, truncated)])
+    w = torch.where(shift[kept] > 0, torch.tensor(math.exp(-1.0)), torch.tensor(CAP))
+    assert stats["tis_clipped_frac"] == pytest.approx(float((shift[kept] < 0).double().mean()), abs=1e-6)
+    assert stats["tis_weight_mean"] == pytest.approx(float(w.mean()), rel=1e-4)
+    # one pass: the sequence ratios are 1, inside GSPO's band
+    assert stats["clip_frac"] == 0.0 and stats["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_everything_truncated_and_masked_leaves_the_weights_unchanged(tiny_model_dir):
+    stats, changed, _, _ = _update(tiny_model_dir, [True] * 4)
+    assert stats["loss"] == 0.0 and stats["grad_norm"] == 0.0 and not changed
+    stats, changed, _, _ = _update(tiny_model_dir, [True] * 4, "loss.mask_truncated=false")
+    assert stats["grad_norm"] > 0 and changed
