@@ -1,13 +1,10 @@
-"""Prove the GPU path without a GPU: compile every Triton kernel ahead of time for sm_80/86/90, read
-its registers, spills and shared memory, and predict kernel times from a roofline.
+"""Prove the GPU path without a GPU: compile every Triton kernel ahead of time for sm_80/86/90 and
+read its registers, spills and shared memory (kernel times are predicted in roofline.py).
 
     from fastgrpo.kernels.aot import iter_kernel_variants, compile_kernel, occupancy, TARGETS
     for v in iter_kernel_variants():
         info = compile_kernel(v.name, v.config, v.dtype, 86)   # CompiledInfo; raises on a compile error
         occupancy(info, TARGETS[86])                            # Occupancy(blocks, warps per SM, limiter)
-
-    from fastgrpo.kernels.aot import GPUS, SHAPES, predict_logprob
-    predict_logprob(SHAPES["qwen2-1.5b"], GPUS["H100"])        # {"fused": Prediction, "naive": Prediction}
 
 A tool for tests, `profiling/kernel_report.py` and the benchmarks: no training code path imports it,
 and it imports Triton's compiler only when it compiles.
@@ -40,7 +37,7 @@ LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")
 
 
 # --------------------------------------------------------------------------------------------------
-# Compile targets and GPUs
+# Compile targets
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TargetSpec:
@@ -70,31 +67,6 @@ TARGETS: dict[int, TargetSpec] = {
     80: TargetSpec(80, max_smem_per_block=163 * KB, smem_per_sm=164 * KB, max_warps_per_sm=64, max_blocks_per_sm=32),
     86: TargetSpec(86, max_smem_per_block=99 * KB, smem_per_sm=100 * KB, max_warps_per_sm=48, max_blocks_per_sm=16),
     90: TargetSpec(90, max_smem_per_block=227 * KB, smem_per_sm=228 * KB, max_warps_per_sm=64, max_blocks_per_sm=32),
-}
-
-
-@dataclass(frozen=True)
-class GPU:
-    """Published peaks: dense bf16 tensor-core FLOP/s (no sparsity), HBM/GDDR bandwidth, L2, SMs.
-
-    NVIDIA datasheets: A40 (149.7 TFLOPS bf16, 696 GB/s GDDR6, 84 SMs, 6 MB L2 from the GA102
-    whitepaper), A100 80GB SXM (312 TFLOPS, 2,039 GB/s, 108 SMs, 40 MB L2, A100 whitepaper),
-    H100 SXM5 (989 TFLOPS, 3,350 GB/s, 132 SMs, 50 MB L2, H100 whitepaper).
-    """
-
-    name: str
-    cc: int
-    bf16_flops: float
-    mem_bytes_per_s: float
-    l2_bytes: int
-    sms: int
-
-
-MB = 1024 * KB
-GPUS: dict[str, GPU] = {
-    "A40": GPU("A40", 86, 149.7e12, 696e9, 6 * MB, 84),
-    "A100": GPU("A100", 80, 312e12, 2039e9, 40 * MB, 108),
-    "H100": GPU("H100", 90, 989e12, 3350e9, 50 * MB, 132),
 }
 
 
@@ -184,7 +156,7 @@ def _source(name: str, config: Mapping, dtype: str):
     if name.startswith("logprob_"):
         logprob = _kernel_module("logprob")
         kernel_name = name.removeprefix("logprob_")
-        kernel = {"fwd": logprob._logprob_fwd_kernel, "bwd": logprob._logprob_bwd_kernel}.get(kernel_name)
+        kernel = {e["kernel_name"]: e["kernel"] for e in logprob.triton_configs()}.get(kernel_name)
         if kernel is None:
             raise ValueError(f"unknown kernel {name!r}; valid: {', '.join(kernel_names())}")
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
@@ -361,7 +333,8 @@ def compile_many(variants, target_ccs=tuple(TARGETS), aligned: bool = True,
     {(variant, cc): CompiledInfo, or CompileFailure holding the error text}.
 
     72 compilations (24 variants x 3 targets) took 107 s in one process on a 2-core machine that
-    other jobs shared (0.2-5.5 s each; the fp32 backward, which spills, the slowest).
+    other jobs shared (0.2-5.5 s each); 108 (36 x 3) took 327 s in 2 worker processes there under a
+    load average of 6-9 (tests/kernels/test_compile.py, whole file).
     """
     import concurrent.futures
     import multiprocessing
@@ -406,132 +379,3 @@ def occupancy(info: CompiledInfo, spec: TargetSpec) -> Occupancy:
     limiter = min(limits, key=limits.get)
     blocks = limits[limiter]
     return Occupancy(blocks, blocks * warps, blocks * warps / spec.max_warps_per_sm, limiter)
-
-
-# --------------------------------------------------------------------------------------------------
-# Roofline: FLOPs and bytes of per-token log-probs, fused kernels vs the naive torch expression
-# --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Shape:
-    """N tokens, hidden size H, vocabulary V."""
-
-    name: str
-    N: int
-    H: int
-    V: int
-
-
-SHAPES: dict[str, Shape] = {
-    "smollm2-135m": Shape("smollm2-135m", N=2048, H=576, V=49152),
-    "qwen2-1.5b": Shape("qwen2-1.5b", N=512, H=1536, V=151936),
-    "train-16k": Shape("train-16k", N=16384, H=1536, V=151936),
-}
-
-
-@dataclass(frozen=True)
-class Traffic:
-    """FLOPs (tensor-core matmuls; the exp/max/sum on N x V elements are not counted) and DRAM bytes,
-    each byte term named, so that a reader can check the sum."""
-
-    flops: float
-    terms: tuple[tuple[str, float], ...]
-
-    @property
-    def bytes(self) -> float:
-        return sum(b for _, b in self.terms)
-
-    def __add__(self, other: "Traffic") -> "Traffic":
-        return Traffic(self.flops + other.flops, self.terms + other.terms)
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """Roofline time = max(flops / peak, bytes / bandwidth), seconds; bound: "compute" or "memory"."""
-
-    traffic: Traffic
-    seconds: float
-    bound: str
-
-
-def roofline_seconds(flops: float, nbytes: float, gpu: GPU) -> tuple[float, str]:
-    """max(flops / peak bf16 FLOP/s, bytes / bandwidth) and which term wins (ties: "compute")."""
-    compute, memory = flops / gpu.bf16_flops, nbytes / gpu.mem_bytes_per_s
-    return (compute, "compute") if compute >= memory else (memory, "memory")
-
-
-def fused_traffic(shape: Shape, gpu: GPU, itemsize: int = 2, block_n: int = 64, block_v: int = 128) -> Traffic:
-    """token_logprobs with impl="triton", forward + backward (with grad_weight), 16-bit inputs.
-
-    FLOPs: forward 2NHV (logits); backward 6NHV (recompute the logits 2NHV, grad_hidden 2NHV,
-    grad_weight 2NHV). Bytes: every input read once and every output written once (the kernels
-    re-read weight tiles per token block from L2, assumed to hit), plus the backward's fp32
-    accumulators, each zeroed (write 4), read back by the first atomic (4), written back (4) and cast
-    to the input dtype (read 4, write itemsize). grad_hidden [N, H] gets one atomic add per
-    vocabulary block (V / BLOCK_V per element) and the grid sweeps all of it once per vocabulary
-    block: when it does not fit in L2, every atomic is a DRAM read + write (8 bytes) instead.
-    grad_weight's atomics come from programs that run together (same vocabulary block) and stay in L2.
-    """
-    N, H, V = shape.N, shape.H, shape.V
-    n_blocks = -(-N // block_n)
-    splits = min(max(1, -(-4 * gpu.sms // n_blocks)), -(-V // block_v))  # as logprob._auto_fwd_splits
-    fwd = Traffic(2 * N * H * V, (
-        ("fwd read hidden", N * H * itemsize), ("fwd read weight", V * H * itemsize),
-        ("fwd read targets", N * 8), ("fwd write+read partials [4, splits, N]", 2 * 4 * splits * N * 4),
-        ("fwd write logp, lse", 2 * N * 4),
-    ))
-    if N * H * 4 <= gpu.l2_bytes:
-        grad_hidden_atomics = ("bwd grad_hidden fp32: first read + write-back (fits in L2)", 2 * N * H * 4)
-    else:
-        grad_hidden_atomics = ("bwd grad_hidden fp32 atomics past L2: 8 bytes x N x H x V/BLOCK_V",
-                               8 * N * H * -(-V // block_v))
-    bwd = Traffic(6 * N * H * V, (
-        ("bwd read hidden, weight", (N + V) * H * itemsize), ("bwd read targets, lse, grad_logp", N * 16),
-        ("bwd zero fp32 grad_hidden, grad_weight", (N + V) * H * 4),
-        grad_hidden_atomics,
-        ("bwd grad_weight fp32: first read + write-back", 2 * V * H * 4),
-        ("bwd cast both grads to the input dtype", (N + V) * H * (4 + itemsize)),
-    ))
-    return fwd + bwd
-
-
-def naive_traffic(shape: Shape, itemsize: int = 2) -> Traffic:
-    """The reference expression in eager torch, forward + backward, 16-bit inputs:
-    log_softmax((hidden @ weight.T).float() / T, -1).gather(-1, targets[:, None]).
-
-    Each op reads its inputs and writes its outputs once (a lower bound: torch's softmax kernels read
-    a long row more than once). FLOPs: 2NHV forward, 4NHV backward (grad_hidden, grad_weight).
-    """
-    N, H, V = shape.N, shape.H, shape.V
-    NV, b = N * V, itemsize
-    return Traffic(6 * N * H * V, (
-        ("fwd matmul: read hidden, weight; write logits", (N + V) * H * b + NV * b),
-        ("fwd .float(): read 16-bit, write fp32 logits", NV * (b + 4)),
-        ("fwd / T: read, write fp32", NV * 8),
-        ("fwd log_softmax: read, write fp32", NV * 8),
-        ("fwd gather", N * (8 + 4)),
-        ("bwd gather: write the zero-filled fp32 grad + scatter", NV * 4 + N * 12),
-        ("bwd log_softmax: read grad, output; write grad", NV * 12),
-        ("bwd / T: read, write fp32", NV * 8),
-        ("bwd .float(): read fp32, write 16-bit grad", NV * (4 + b)),
-        ("bwd grad_hidden = g @ W: read g, W; write", NV * b + V * H * b + N * H * b),
-        ("bwd grad_weight = g.T @ hidden: read g, hidden; write", NV * b + N * H * b + V * H * b),
-    ))
-
-
-def predict_logprob(shape: Shape, gpu: GPU) -> dict[str, Prediction]:
-    """{"fused": ..., "naive": ...} roofline predictions of per-token log-probs forward + backward
-    (bf16 inputs, grad of hidden and weight) at `shape` on `gpu`."""
-    out = {}
-    for path, traffic in (("fused", fused_traffic(shape, gpu)), ("naive", naive_traffic(shape))):
-        seconds, bound = roofline_seconds(traffic.flops, traffic.bytes, gpu)
-        out[path] = Prediction(traffic, seconds, bound)
-    return out
-
-
-def describe_prediction(shape: Shape, gpu: GPU) -> str:
-    """One line for logs and benchmarks without a GPU, e.g. "predicted (roofline, not measured)
-    qwen2-1.5b N=512 H=1536 V=151936 on H100: fused 1.25 ms (memory), naive 1.92 ms (memory)"."""
-    pred = predict_logprob(shape, gpu)
-    paths = ", ".join(f"{path} {p.seconds * 1e3:.3g} ms ({p.bound})" for path, p in pred.items())
-    return (f"predicted (roofline, not measured) {shape.name} N={shape.N} H={shape.H} V={shape.V} "
-            f"on {gpu.name}: {paths}")

@@ -6,12 +6,13 @@
    (A100), sm_86 (A40) and sm_90 (H100): registers per thread, spilled bytes, shared memory per
    block, and the warps per SM that these allow (fastgrpo.kernels.aot.occupancy).
 2. Roofline: FLOPs and DRAM bytes of per-token log-probs, forward + backward, at the benchmark
-   shapes, for the fused kernels and for the naive torch expression (materialized fp32 logits), and
-   the time max(FLOPs / peak bf16, bytes / bandwidth) on A40, A100 and H100. Predicted, not measured.
+   shapes, for the fused kernels (with each of the two Triton backwards, and the one the launcher
+   picks) and for the naive torch expression (materialized fp32 logits), and the time: per kernel
+   max(FLOPs / peak bf16, bytes / bandwidth), summed, on A40, A100 and H100. Predicted, not measured.
 
-The model (what is counted, what is assumed) is documented in fused_traffic / naive_traffic of
-fastgrpo.kernels.aot; --terms prints every byte term. Exit status 1 when a kernel fails to compile,
-spills or exceeds its target's shared memory.
+The model (what is counted, what is assumed) is documented in fastgrpo.kernels.roofline; --terms
+prints every byte term. Exit status 1 when a kernel fails to compile, spills or exceeds its target's
+shared memory.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import sys
 import time
 import warnings
 
-from fastgrpo.kernels import aot
+from fastgrpo.kernels import aot, roofline
 
 TARGET_LABELS = {80: "sm_80 (A100)", 86: "sm_86 (A40)", 90: "sm_90 (H100)"}
 
@@ -52,18 +53,20 @@ def resource_table(results: dict, variants: list, markdown: bool) -> str:
 
 
 def roofline_table(markdown: bool) -> str:
-    headers = ["shape (N x H x V)", "GPU", "fused GFLOP", "fused GB", "fused ms", "naive GFLOP", "naive GB",
-               "naive ms", "naive / fused"]
+    headers = ["shape (N x H x V)", "GPU", "fused GFLOP", "fused GB", "fused ms (bound; backward picked)",
+               "with two-kernel bwd ms", "with atomic bwd ms", "naive GFLOP", "naive GB", "naive ms",
+               "naive / fused"]
     rows = []
-    for shape in aot.SHAPES.values():
-        for gpu in aot.GPUS.values():
-            pred = aot.predict_logprob(shape, gpu)
+    for shape in roofline.SHAPES.values():
+        for gpu in roofline.GPUS.values():
+            pred = roofline.predict_logprob(shape, gpu)
             fused, naive = pred["fused"], pred["naive"]
             rows.append([
                 f"{shape.name} ({shape.N} x {shape.H} x {shape.V})", gpu.name,
-                f"{fused.traffic.flops / 1e9:,.0f}", f"{fused.traffic.bytes / 1e9:.2f}",
-                f"{fused.seconds * 1e3:.2f} ({fused.bound})",
-                f"{naive.traffic.flops / 1e9:,.0f}", f"{naive.traffic.bytes / 1e9:.2f}",
+                f"{fused.flops / 1e9:,.0f}", f"{fused.bytes / 1e9:.2f}",
+                f"{fused.seconds * 1e3:.2f} ({fused.bound}; {roofline.choose_backward(shape, gpu)})",
+                f"{pred['two-kernel'].seconds * 1e3:.2f}", f"{pred['atomic'].seconds * 1e3:.2f}",
+                f"{naive.flops / 1e9:,.0f}", f"{naive.bytes / 1e9:.2f}",
                 f"{naive.seconds * 1e3:.2f} ({naive.bound})", f"{naive.seconds / fused.seconds:.1f}x",
             ])
     return render(headers, rows, markdown)
@@ -71,12 +74,16 @@ def roofline_table(markdown: bool) -> str:
 
 def byte_terms(markdown: bool) -> str:
     out = []
-    for shape in aot.SHAPES.values():
-        gpu = aot.GPUS["H100"]
-        for path, traffic in (("fused", aot.fused_traffic(shape, gpu)), ("naive", aot.naive_traffic(shape))):
-            rows = [[name, f"{nbytes / 1e9:.3f}"] for name, nbytes in traffic.terms]
-            rows.append(["total", f"{traffic.bytes / 1e9:.3f}"])
-            out.append(f"{path}, {shape.name}, L2 of the {gpu.name}:\n\n" + render(["term", "GB"], rows, markdown))
+    gpu = roofline.GPUS["H100"]
+    for shape in roofline.SHAPES.values():
+        for backward in roofline.BACKWARDS:
+            kernels = roofline.fused_kernels(shape, gpu, backward=backward)
+            rows = [[k.name, name, f"{k.flops / 1e9:,.1f}" if i == 0 else "", f"{nbytes / 1e9:.3f}"]
+                    for k in kernels for i, (name, nbytes) in enumerate(k.terms)]
+            rows.append(["total", "", f"{sum(k.flops for k in kernels) / 1e9:,.1f}",
+                         f"{sum(k.bytes for k in kernels) / 1e9:.3f}"])
+            out.append(f"fused with the {backward} backward, {shape.name}, L2 of the {gpu.name}:\n\n"
+                       + render(["kernel", "term", "GFLOP", "GB"], rows, markdown))
     return "\n\n".join(out)
 
 
@@ -107,9 +114,11 @@ def main(argv: list[str] | None = None) -> int:
             + resource_table(results, variants, args.markdown))
     sections.append(
         "Predicted, not measured: per-token log-probs forward + backward (bf16 inputs, grads of hidden and "
-        "weight), roofline max(FLOPs / peak bf16 dense, DRAM bytes / bandwidth). Fused: 2NHV forward + 6NHV "
-        "backward (logit recompute, grad_hidden, grad_weight). Naive: 6NHV, with the N x V logits and their "
-        "gradient materialized (58 bytes per logit through HBM).\n\n" + roofline_table(args.markdown))
+        "weight); each kernel max(FLOPs / peak bf16 dense, DRAM bytes / bandwidth), summed over the kernels. "
+        "Fused: 2NHV forward, then the backward the launcher picks (the faster prediction): two-kernel 8NHV "
+        "(each kernel recomputes the logits) or atomic 6NHV. Naive: 6NHV, with the N x V logits and their "
+        "gradient materialized (58 bytes per logit through HBM), one op at a time.\n\n"
+        + roofline_table(args.markdown))
     if args.terms:
         sections.append(byte_terms(args.markdown))
     print("\n\n".join(sections))

@@ -2,7 +2,7 @@
 sm_80 (A100), sm_86 (A40) and sm_90 (H100) with no GPU present, without register spills and within
 the target's shared memory per block.
 
-The compilations (24 variants x 3 targets) run once per session in worker processes, with Triton's
+The compilations (36 variants x 3 targets) run once per session in worker processes, with Triton's
 cache in a temporary folder; each (variant, target) is then its own test. The "aligned" variants
 are what the JIT builds for real models (16-byte aligned pointers, H and V multiples of 16); the
 slow tier also checks the unaligned ones (odd vocabularies such as GPT-2's 50,257).
@@ -81,7 +81,8 @@ def test_every_triton_kernel_in_the_package_is_compiled():
     covered = {v.name for v in VARIANTS}
     assert defined, "found no Triton kernels: the scan is broken"
     assert defined <= covered, f"kernels with no AOT variant: {sorted(defined - covered)}"
-    assert {"logprob_fwd", "logprob_bwd", "grpo_loss_fwd", "grpo_loss_bwd"} <= covered
+    assert {"logprob_fwd", "logprob_bwd_hidden", "logprob_bwd_weight", "logprob_bwd_atomic",
+            "grpo_loss_fwd", "grpo_loss_bwd"} <= covered
 
 
 def test_training_code_does_not_import_the_aot_tool():
@@ -93,7 +94,7 @@ def test_training_code_does_not_import_the_aot_tool():
 
 
 def test_every_dtype_is_covered_for_the_logprob_kernels():
-    for name in ("logprob_fwd", "logprob_bwd"):
+    for name in ("logprob_fwd", "logprob_bwd_hidden", "logprob_bwd_weight", "logprob_bwd_atomic"):
         assert {v.dtype for v in VARIANTS if v.name == name} == set(aot.DTYPES), name
 
 

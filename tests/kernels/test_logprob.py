@@ -227,7 +227,10 @@ needs_triton = pytest.mark.skipif(lp.triton is None, reason="Triton is not insta
 
 @needs_triton
 def test_sizes_are_runtime_arguments_and_tiles_constexpr():
-    for kernel in (lp._logprob_fwd_kernel, lp._logprob_bwd_kernel):
+    kernels = [entry["kernel"] for entry in lp.triton_configs()]
+    assert {k.__name__ for k in kernels} == {"_logprob_fwd_kernel", "_logprob_bwd_hidden_kernel",
+                                             "_logprob_bwd_weight_kernel", "_logprob_bwd_atomic_kernel"}
+    for kernel in kernels:
         params = {p.name: p for p in kernel.params}
         assert not any(params[name].is_constexpr for name in ("N", "V", "H"))
         assert params["N"].do_not_specialize  # N changes every step: no alignment specializations
@@ -235,7 +238,7 @@ def test_sizes_are_runtime_arguments_and_tiles_constexpr():
 
 
 @needs_triton
-def test_both_kernels_compile_for_sm86_with_bf16():
+def test_every_kernel_compiles_for_sm86_with_bf16():
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -253,29 +256,68 @@ def test_both_kernels_compile_for_sm86_with_bf16():
         assert compiled.metadata.shared <= 99 * 1024  # an A40 block's shared-memory limit
 
 
+def test_backward_kernel_choice(monkeypatch):
+    """Off CUDA: "two-kernel"; a request wins; on a known GPU the roofline model decides (numbers in
+    logprob_triton.choose_backward_kernel); unknown GPUs get the deterministic "two-kernel"."""
+    choose = lp.logprob_triton.choose_backward_kernel
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert choose(2048, 576, 49152, torch.bfloat16, cpu) == "two-kernel"
+    assert choose(2048, 576, 49152, torch.bfloat16, cpu, requested="atomic") == "atomic"
+    with pytest.raises(ValueError, match="unknown backward kernel 'fast'; valid: two-kernel, atomic"):
+        choose(2048, 576, 49152, torch.bfloat16, cpu, requested="fast")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert choose(2048, 576, 49152, torch.bfloat16, cuda) == "atomic"  # predicted 0.35 vs 0.47 ms
+    assert choose(16384, 1536, 151936, torch.bfloat16, cuda) == "two-kernel"  # 31 vs 91 ms
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA L4")
+    assert choose(2048, 576, 49152, torch.bfloat16, cuda) == "two-kernel"
+
+
 # Small tiles so that every axis has several tiles and a partial one: N=67 -> 5 token blocks of 16,
-# V=300 -> 5 vocab tiles of 64, H=45 -> 3 steps of 16; two vocab splits in the forward. The 257 x
-# 123 x 1001 case uses 64/128/64 tiles (~8 s in the interpreter, against ~30 s with the small ones).
+# V=300 -> 5 vocab tiles of 64, H=45 -> 3 steps of 16; `splits` vocab splits in the forward and in
+# bwd_hidden (2: columns 0-255 in two steps of two tiles, then 256-299, whose second tile lies past
+# V), and `splits` persistent bwd_weight programs (5 vocab blocks over 2 programs: 3 and 2; steps of
+# 32 tokens, the last one's second tile past N). "large": 64/128/64 tiles; "default": the
+# launchers' own tiles (32 x 2x256 and 2x256 x 32 in the backward).
 SMALL_TILES = TritonConfig(16, 64, 16, num_warps=4, num_stages=1)
 LARGE_TILES = TritonConfig(64, 128, 64, num_warps=4, num_stages=1)
-TRITON_CASES = [  # (n, h, v, dtype name, temperature, entropy, tiles, splits, weight needs grad)
-    *[(67, 45, 300, d, t, e, "small", 2, True)
+TRITON_CASES = [  # (n, h, v, dtype name, temperature, entropy, tiles, splits, weight needs grad, backward)
+    *[(67, 45, 300, d, t, e, "small", 2, True, "two-kernel")
       for d in ("float32", "float16") for t in (1.0, 0.7) for e in (False, True)],
-    (1, 45, 300, "float32", 0.7, True, "small", 3, True),
-    (67, 45, 300, "float16", 1.0, True, "small", 1, False),
-    (257, 123, 1001, "float32", 0.7, True, "large", 2, True),
-    (0, 45, 300, "float32", 1.0, True, "small", 2, True),
+    (1, 45, 300, "float32", 0.7, True, "small", 3, True, "two-kernel"),
+    (67, 45, 300, "float16", 1.0, True, "small", 1, False, "two-kernel"),
+    (257, 123, 1001, "float32", 0.7, True, "large", 2, True, "two-kernel"),
+    (257, 123, 1001, "float16", 1.0, True, "default", None, True, "two-kernel"),
+    (0, 45, 300, "float32", 1.0, True, "small", 2, True, "two-kernel"),
+    (67, 45, 300, "float32", 0.7, True, "small", 2, True, "atomic"),
+    (67, 45, 300, "float16", 1.0, False, "small", 2, True, "atomic"),
+    (67, 45, 300, "float16", 0.7, True, "small", 2, False, "atomic"),
 ]
+TILES = {"small": SMALL_TILES, "large": LARGE_TILES, "default": None}
+
+
+class LargestFloat32(LargestTensor):
+    """Records the largest fp32 tensor any op produces."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel() > self.numel:
+                self.numel, self.op = t.numel(), func
+        return out
+
+
+def _triton_params(temperature, entropy, tiles, splits, backward):
+    return LogprobParams(temperature, entropy, impl="triton", fwd_config=TILES[tiles], bwd_config=TILES[tiles],
+                         fwd_splits=splits, bwd_splits=splits, bwd_weight_programs=splits, bwd_kernel=backward)
 
 
 def _triton_worker(out_path):
-    """Runs in a subprocess with TRITON_INTERPRET=1: fwd+bwd of every TRITON_CASES entry."""
+    """Runs in a subprocess with TRITON_INTERPRET=1: fwd+bwd of every TRITON_CASES entry, and the
+    largest fp32 tensor of each backward on fp16 inputs."""
     assert lp._KERNELS_INTERPRETED, "TRITON_INTERPRET=1 must be set before the module is imported"
     results = []
-    for i, (n, h, v, dtype, temperature, entropy, tiles, splits, weight_grad) in enumerate(TRITON_CASES):
-        cfg = SMALL_TILES if tiles == "small" else LARGE_TILES
-        params = LogprobParams(temperature, entropy, impl="triton", fwd_config=cfg, bwd_config=cfg,
-                               fwd_splits=splits)
+    for i, (n, h, v, dtype, temperature, entropy, tiles, splits, weight_grad, backward) in enumerate(TRITON_CASES):
+        params = _triton_params(temperature, entropy, tiles, splits, backward)
         hidden, weight, targets, grad_logp, grad_entropy = make_inputs(n, h, v, getattr(torch, dtype), seed=i)
         hidden.requires_grad_(), weight.requires_grad_(weight_grad)
         out = TokenLogprobFunction.apply(hidden, weight, targets, params)
@@ -283,34 +325,52 @@ def _triton_worker(out_path):
         ((logp * grad_logp).sum() + ((ent * grad_entropy).sum() if entropy else 0)).backward()
         results.append({"logp": logp.detach(), "entropy": None if ent is None else ent.detach(),
                         "grad_hidden": hidden.grad, "grad_weight": weight.grad})
-    torch.save(results, out_path)
+    largest_fp32 = {}
+    for backward in ("two-kernel", "atomic"):
+        hidden, weight, targets, grad_logp, _ = make_inputs(67, 45, 300, torch.float16, seed=0)
+        hidden.requires_grad_(), weight.requires_grad_()
+        logp = TokenLogprobFunction.apply(hidden, weight, targets, _triton_params(1.0, False, "small", 2, backward))
+        with LargestFloat32() as mode:
+            (logp * grad_logp).sum().backward()
+        largest_fp32[backward] = mode.numel
+    torch.save({"cases": results, "largest_fp32": largest_fp32}, out_path)
 
 
 @pytest.fixture(scope="module")
 def triton_results(tmp_path_factory):
     """The interpreter must be on before Triton decorates the kernels, which this process already
-    did: run all cases in one fresh interpreter-mode process (~20 s)."""
+    did: run all cases in one fresh interpreter-mode process (~40 s)."""
     out_path = tmp_path_factory.mktemp("triton") / "results.pt"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--triton-worker", str(out_path)],
-                          env=env, capture_output=True, text=True, timeout=600)
+                          env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return torch.load(out_path)
 
 
 @needs_triton
-@pytest.mark.parametrize("case", range(len(TRITON_CASES)), ids=lambda i: "-".join(map(str, TRITON_CASES[i][:6])))
+@pytest.mark.parametrize("case", range(len(TRITON_CASES)),
+                         ids=lambda i: "-".join(map(str, TRITON_CASES[i][:6] + TRITON_CASES[i][9:])))
 def test_triton_kernels_match_fp64_under_interpreter(triton_results, case):
-    n, h, v, dtype, temperature, entropy, _, _, weight_grad = TRITON_CASES[case]
+    n, h, v, dtype, temperature, entropy, _, _, weight_grad, _ = TRITON_CASES[case]
     dtype = getattr(torch, dtype)
     inputs = make_inputs(n, h, v, dtype, seed=case)
-    got = {k: (None if x is None else x.double()) for k, x in triton_results[case].items()}
+    got = {k: (None if x is None else x.double()) for k, x in triton_results["cases"][case].items()}
     assert got["logp"].shape == (n,)
     assert (got["grad_weight"] is None) == (not weight_grad)
     if n == 0:
         assert got["grad_hidden"].shape == (0, h) and got["entropy"].shape == (0,)
         return
     assert_within_naive_error(got, inputs, temperature, entropy, dtype)
+
+
+@needs_triton
+def test_two_kernel_backward_holds_no_fp32_copy_of_the_weight(triton_results):
+    """fp16 weight [300, 45]: the atomic backward accumulates grad_weight in an fp32 [V, H] buffer;
+    the two-kernel one only in fp32 partials [2 splits, 67, 45] and a workspace [2 programs, 64, 45]."""
+    largest = triton_results["largest_fp32"]
+    assert largest["atomic"] >= 300 * 45  # the probe sees the kernels' buffers
+    assert largest["two-kernel"] == max(2 * 67 * 45, 2 * 64 * 45)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--triton-worker"]:
