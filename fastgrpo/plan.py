@@ -25,8 +25,11 @@ Assumptions (each one names what the planner counts):
 - The reference model (beta > 0) runs under no_grad before the policy's micro-batches: only its
   weights add to the peak.
 
-measure_training_peak checks the non-GPU parts on CPU: the predicted peak sat within 2.6% of the
-measured one for SmolLM2/Qwen2 shapes, fp32 and bf16, with and without checkpointing (tests/test_plan.py).
+fastgrpo/peak_memory.py checks the non-GPU parts against torch's allocator on CPU: with the naive
+loss the predicted peak sat within 2.6% of the measured one for SmolLM2/Qwen2 shapes, fp32 and bf16,
+with and without checkpointing (tests/test_plan.py); through the trainer's own calls (packed forward,
+fused loss, AdamW) on the tiny test model and SmolLM2-135M, every component within 20%
+(tests/test_plan_validation.py).
 """
 
 from __future__ import annotations
@@ -78,6 +81,10 @@ BACKWARD_IN_FLIGHT_HIDDENS = 2
 # split partials (4 fp32 per split, ~2 splits at long contexts), the GRPO loss's old/ref log-probs and
 # advantages.
 FUSED_LOSS_PER_TOKEN_BYTES = 64
+# The fused loss's chunked torch path with entropy (what the trainer asks for) holds two fp32
+# [chunk, V] buffers at once: the logits and their exp (the entropy's row-wise dot product is a
+# batched matmul; torch.linalg.vecdot had allocated a third, measured as 3.0 buffers).
+TORCH_PATH_SCRATCH_BUFFERS = 2
 # Rollout tensors per generated token if kept on the GPU: int64 ids, fp32 old, ref and sampler
 # log-probs, fp32 advantage.
 ROLLOUT_BYTES_PER_TOKEN = 24
@@ -257,19 +264,23 @@ def activation_bytes(shape: ModelShape, tokens: int, b: int, gradient_checkpoint
     return tokens * (shape.layers * per_layer + outside_layers), in_flight
 
 
-def loss_working_set_bytes(loss: str, tokens: int, vocab: int, hidden: int, b: int) -> int:
+def loss_working_set_bytes(loss: str, tokens: int, vocab: int, hidden: int, b: int, torch_chunk_rows: int = 0) -> int:
     """Peak bytes of the log-prob + loss computation, forward and backward, for T tokens.
 
     naive: fp32 logits, the log-softmax output that autograd keeps, and its gradient: T x V x 12;
       later in backward the fp32 logit gradient (+ its cast to a 16-bit dtype) with grad_hidden [T, H]
       and the LM-head weight gradient [V, H], whichever is larger.
-    fused: no T x V tensor; fp32 grad_hidden [T, H] and grad_weight [V, H] accumulators plus their casts
-      to the model dtype, and FUSED_LOSS_PER_TOKEN_BYTES per token."""
+    fused: no T x V tensor; fp32 grad_hidden [T, H] and grad_weight [V, H] accumulators plus, for a
+      16-bit model, their casts to the model dtype (in fp32 the cast is a no-op: measured on CPU, the
+      loss's peak held one fp32 [V, H], not two), and FUSED_LOSS_PER_TOKEN_BYTES per token.
+      torch_chunk_rows > 0: the chunked torch path (CPU), which adds TORCH_PATH_SCRATCH_BUFFERS fp32
+      [rows, V] buffers (rows = min(T, its chunk)); the Triton path keeps logit tiles on chip (0)."""
+    cast = b if b < 4 else 0
     if loss == "naive":
-        cast = b if b < 4 else 0
         return max(12 * tokens * vocab, (4 + cast) * tokens * vocab + b * (tokens + vocab) * hidden)
     if loss == "fused":
-        return (4 + b) * (tokens + vocab) * hidden + FUSED_LOSS_PER_TOKEN_BYTES * tokens
+        scratch = TORCH_PATH_SCRATCH_BUFFERS * 4 * torch_chunk_rows * vocab
+        return (4 + cast) * (tokens + vocab) * hidden + FUSED_LOSS_PER_TOKEN_BYTES * tokens + scratch
     raise ValueError(f"loss {loss!r} is not one of {', '.join(LOSSES)}")
 
 
@@ -297,7 +308,7 @@ LABELS = {
     "activations_stored": "activations kept for backward",
     "activations_backward": "one layer's backward (recomputed layer, gradients in flight, tied LM-head grad)",
     "loss_working_set": "log-prob/loss working set",
-    "embedding_gradients": "embedding backward (tied: LM-head + embedding grads + sum)",
+    "embedding_gradients": "embedding backward (tied: LM-head + embedding grads, + their sum if naive)",
     "weight_sync_copy": "weight-sync copy in the engine dtype",
     "not_simultaneous": "not simultaneous (peaks at different times)",
     "vllm_weights": "vLLM weights",
@@ -340,21 +351,25 @@ class MemoryPlan:
         return out
 
 
-def _peak_bytes(shape, tokens, *, b, gradient_checkpointing, loss, engine_bytes) -> dict[str, int]:
+def step_peak_bytes(shape, tokens, *, b, gradient_checkpointing, loss, engine_bytes, loss_ws=None) -> dict[str, int]:
     """The micro-batch-dependent components, with the negative credit that makes them sum to the peak.
+    loss_ws: the loss working set if the caller computed it (default: loss_working_set_bytes at T).
 
     Four phases peak one after another: the loss (stored activations + loss working set), each layer's
     backward (stored + one layer's working set), the embedding's backward, and the weight sync. With
     tied embeddings autograd holds the LM-head's weight gradient [V, H] from the loss until the
-    embedding's arrives, then sums the two into a third tensor before adding it into .grad (measured
-    on CPU: this end-of-backward peak of 3 x V x H was the whole micro-batch peak of SmolLM2 widths with
-    checkpointing at 256 tokens)."""
+    embedding's arrives. The naive loss's gradient cannot be summed in place, so autograd adds the two
+    into a third tensor (measured on CPU: this end-of-backward peak of 3 x V x H was the whole
+    micro-batch peak of SmolLM2 widths with checkpointing at 256 tokens); the fused loss hands autograd
+    a gradient it alone holds, which the embedding's is added into: 2 x V x H (measured on CPU,
+    SmolLM2-135M with checkpointing: 217.5 MiB against 2 x 108.5)."""
     stored, backward = activation_bytes(shape, tokens, b, gradient_checkpointing)
     lm_head_grad = shape.vocab * shape.hidden * b
     if shape.tied:
         backward += lm_head_grad
-    loss_ws = loss_working_set_bytes(loss, tokens, shape.vocab, shape.hidden, b)
-    embedding = (3 if shape.tied else 1) * lm_head_grad + tokens * shape.hidden * b
+    if loss_ws is None:
+        loss_ws = loss_working_set_bytes(loss, tokens, shape.vocab, shape.hidden, b)
+    embedding = ((3 if loss == "naive" else 2) if shape.tied else 1) * lm_head_grad + tokens * shape.hidden * b
     # Before vLLM reloads weights the trainer casts its state dict when the dtypes differ (a new tensor
     # per parameter); this happens after the optimizer step, with no activations alive.
     sync = shape.param_count() * engine_bytes if engine_bytes != b else 0
@@ -418,8 +433,8 @@ def plan_memory(shape: ModelShape, gpu: GpuSpec | str, *, max_len: int, group: i
     fixed["cuda_context"] = int(cuda_context_gib * GIB)
 
     def peak_parts(t: int, which_loss: str) -> dict[str, int]:
-        return _peak_bytes(shape, t, b=b, gradient_checkpointing=gradient_checkpointing, loss=which_loss,
-                           engine_bytes=engine_bytes if vllm_share > 0 else b)
+        return step_peak_bytes(shape, t, b=b, gradient_checkpointing=gradient_checkpointing, loss=which_loss,
+                               engine_bytes=engine_bytes if vllm_share > 0 else b)
 
     parts = peak_parts(tokens, loss)
     total = sum(fixed.values()) + sum(parts.values())
@@ -523,79 +538,3 @@ def run_plan(args: argparse.Namespace) -> int:
         return 2
     print(json.dumps(plan.to_dict(), indent=1) if args.json else format_plan(plan))
     return 0 if plan.fits else 1
-
-
-# --------------------------------------------------------------------------------------------------
-# Validation: a measured training peak on CPU
-# --------------------------------------------------------------------------------------------------
-def _profiled_peak_delta(fn) -> int:
-    """Run fn under torch.profiler's memory tracking; the largest net CPU allocation (bytes) above the
-    allocations alive when it started. The allocator's running total is exact, unlike RSS."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    peak, stack = 0, list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        event = stack.pop()
-        if event.tag == _EventType.Allocation:
-            peak = max(peak, event.extra_fields.total_allocated)
-        stack.extend(event.children)
-    return peak
-
-
-def measure_training_peak(shape: ModelShape, tokens: int, *, dtype: str = "float32",
-                          gradient_checkpointing: bool = False, seed: int = 0) -> dict[str, int]:
-    """Measured CPU peak (bytes) of one GRPO-like micro-batch of ``tokens`` tokens for a randomly
-    initialized Hugging Face model of ``shape``: forward, naive log-probs (log_softmax + gather of the
-    full logits), a policy-gradient loss, backward and a (fused) AdamW step, in the steady state of
-    gradient accumulation (gradients and AdamW states already exist from a first micro-batch).
-
-    Returns {"persistent": weights + gradients + optimizer states + inputs, "step": the largest
-    allocation above them during the micro-batch and the step, "peak": their sum}."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    torch_dtype = getattr(torch, dtype)
-    config = AutoConfig.for_model(
-        shape.model_type, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-        head_dim=shape.head_dim, vocab_size=shape.vocab, tie_word_embeddings=shape.tied, use_cache=False,
-        attention_bias=shape.o_bias, mlp_bias=shape.mlp_bias,  # Llama's flags; Qwen2's q/k/v biases are built in
-        attn_implementation="sdpa")  # one sequence, no mask: SDPA's CPU flash kernel
-    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as load_policy
-    model.train()
-    # fused=True: no foreach temporaries the size of the parameters, as with fused AdamW on a GPU.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
-    input_ids = torch.randint(0, shape.vocab, (1, tokens))
-    advantages = torch.randn(1, tokens - 1)
-
-    def micro_batch_and_step():
-        logits = model(input_ids=input_ids, use_cache=False).logits
-        logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, input_ids[:, 1:, None])[..., 0]
-        del logits
-        (-(logp * advantages).mean()).backward()
-        optimizer.step()
-
-    micro_batch_and_step()  # creates the gradients and AdamW states
-    params = list(model.parameters())
-    states = [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
-    alive = params + [p.grad for p in params] + states + [input_ids, advantages]
-    persistent = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in alive}.values())
-    step = _profiled_peak_delta(micro_batch_and_step)
-    return {"persistent": persistent, "step": step, "peak": persistent + step}
-
-
-def predicted_training_peak(shape: ModelShape, tokens: int, *, dtype: str = "float32",
-                            gradient_checkpointing: bool = False) -> dict[str, int]:
-    """plan_memory's numbers for measure_training_peak's setting: naive loss, AdamW, no vLLM, no CUDA
-    context, one sequence of ``tokens`` tokens."""
-    plan = plan_memory(shape, GpuSpec("host", 1e6, 0.0, 0.0), max_len=tokens, group=1, prompts_per_step=1,
-                       dtype=dtype, optimizer="adamw", gradient_checkpointing=gradient_checkpointing, loss="naive",
-                       beta=0.0, vllm_share=0.0, cuda_context_gib=0.0)
-    persistent = sum(plan.components[k] for k in ("policy_weights", "gradients", "optimizer_states"))
-    return {"persistent": persistent, "step": plan.total_bytes - persistent, "peak": plan.total_bytes}
