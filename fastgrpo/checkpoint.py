@@ -10,7 +10,8 @@ A checkpoint is a Hugging Face model folder (safetensors + config + tokenizer) t
         trainer_state.json                                  step, data position, metrics so far
 
 It is written into a hidden temporary folder, flushed, then renamed into place, so a crash leaves
-either the previous complete checkpoint or the new one, never half of one. Loading never unpickles
+either the previous complete checkpoint or the new one, never half of one (the temporary folder a
+killed write leaves is ignored, and removed by the next save). Loading never unpickles
 arbitrary objects: weights are safetensors and ``torch.load`` runs with ``weights_only=True``.
 """
 
@@ -65,9 +66,10 @@ def save_checkpoint(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"checkpoint-{step}"
+    # Leftovers of writes that were killed: one run owns an output folder, so their writers are gone.
+    for stale in output_dir.glob(".tmp-checkpoint-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = output_dir / f".tmp-checkpoint-{step}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir()
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
@@ -82,6 +84,7 @@ def save_checkpoint(
     os.replace(tmp, final)
     _fsync_dir(output_dir)
     for old in list_checkpoints(output_dir)[:-keep_last]:
+        (old / STATE_FILE).unlink()  # first: a deletion cut short never leaves a "complete" half
         shutil.rmtree(old, ignore_errors=True)
     return final
 

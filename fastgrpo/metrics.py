@@ -1,4 +1,10 @@
-"""Where a run's numbers go: ``metrics.jsonl`` always, TensorBoard and W&B when asked and installed."""
+"""Where a run's numbers go: ``metrics.jsonl`` always, TensorBoard and W&B when asked and installed.
+
+A resumed run continues ``metrics.jsonl``. Steps logged after the checkpoint it resumes from (a
+step that finished but was killed before its checkpoint was written) are run again, so
+``roll_back_metrics`` first moves their records to ``metrics.rolled_back.jsonl``: every step then
+appears once in ``metrics.jsonl``, with the numbers of the run that the weights descend from.
+"""
 
 from __future__ import annotations
 
@@ -61,6 +67,31 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def roll_back_metrics(output_dir: str | Path, step: int) -> int:
+    """Move the records of steps after ``step`` from metrics.jsonl to metrics.rolled_back.jsonl
+    (appended); returns how many moved. The rewrite is atomic (temporary file, then rename)."""
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    keep, moved = [], []
+    for line in path.read_text().splitlines(keepends=True):
+        if not line.strip():
+            continue
+        try:
+            later = json.loads(line).get("step", 0) > step
+        except (json.JSONDecodeError, AttributeError, TypeError):
+            later = True  # a line cut off by a kill mid-write
+        (moved if later else keep).append(line if line.endswith("\n") else line + "\n")
+    if not moved:
+        return 0
+    with open(path.with_name("metrics.rolled_back.jsonl"), "a") as fh:
+        fh.writelines(moved)
+    tmp = path.with_name(".metrics.jsonl.tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+    return len(moved)
 
 
 def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:

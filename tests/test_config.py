@@ -51,7 +51,7 @@ def test_errors_name_the_key(override, message):
 def test_yaml_file_errors_name_the_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  lr: 1e-6\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'train.lr'"):
+    with pytest.raises(ConfigError, match=r"bad.yaml:2: unknown config key 'train.lr'"):
         load_config(bad)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
