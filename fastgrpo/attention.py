@@ -124,15 +124,19 @@ def _torch_varlen_attention(
     # GPU, where this path is only the fallback).
     bounds = cu_seqlens.tolist()
     gqa = k.shape[1] != q.shape[1]
+    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
     outputs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        if end == start:
+    # torch.split, not q[start:end]: the backward of each slice writes into its own full-size zero
+    # gradient, which was ~60% of a step's backward (32 sequences, 3,776 tokens, per layer 2.97 s
+    # -> 1.47 s of CPU time with split; the gradients are bit-identical).
+    for q_i, k_i, v_i in zip(q.split(lengths), k.split(lengths), v.split(lengths)):
+        if q_i.shape[0] == 0:
             continue
         # [L, H, D] -> [1, H, L, D]: the batch dimension selects SDPA's CPU flash kernel.
         out = F.scaled_dot_product_attention(
-            q[start:end].transpose(0, 1).unsqueeze(0),
-            k[start:end].transpose(0, 1).unsqueeze(0),
-            v[start:end].transpose(0, 1).unsqueeze(0),
+            q_i.transpose(0, 1).unsqueeze(0),
+            k_i.transpose(0, 1).unsqueeze(0),
+            v_i.transpose(0, 1).unsqueeze(0),
             dropout_p=dropout_p,
             is_causal=causal,
             scale=softmax_scale,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -32,10 +33,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError(f"--resume {args.resume}: no complete checkpoint-<step> folder there")
         # The run continues with the config it started with; command-line overrides still apply.
         saved = ckpt.load_trainer_state(latest)["config"]
-        config_file = Path(args.resume) / "resume_config.yaml"
         import yaml
 
-        config_file.write_text(yaml.safe_dump(saved))
+        # One file per process: under torchrun every rank resumes at once.
+        config_file = Path(args.resume) / f"resume_config.rank{os.environ.get('RANK', '0')}.yaml"
+        tmp = config_file.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(yaml.safe_dump(saved))
+        os.replace(tmp, config_file)
         overrides.append(f"log.output_dir={args.resume}")
     if args.output_dir:
         overrides.append(f"log.output_dir={args.output_dir}")
@@ -50,38 +54,54 @@ def cmd_train(args: argparse.Namespace) -> int:
     after = summary.get("eval_after", {}).get("eval_pass@1")
     if after is not None:
         print(f"held-out accuracy: before {before if before is None else round(before, 4)} -> after {after:.4f}")
-    print(f"outputs in {cfg.log.output_dir} (metrics.jsonl, checkpoint-*)")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"outputs in {cfg.log.output_dir} (metrics.jsonl, checkpoint-*)")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from fastgrpo.data import load_problems
-    from fastgrpo.eval import evaluate
+    from fastgrpo.eval_suite import eval_settings, load_suite, longest_prompt_tokens, markdown_table, run_suite, write_report
+    from fastgrpo.mixture import default_data_dir
     from fastgrpo.model import load_tokenizer, resolve_model_path
     from fastgrpo.rollout import make_engine
 
+    entries = [*(args.suite or []), *(args.data or [])]
+    if not entries:
+        raise ConfigError("fastgrpo eval needs --suite NAMES (e.g. aime24,amc23,math500) and/or --data FILES")
+    try:
+        settings = eval_settings(args.preset, samples=args.samples, temperature=args.temperature, top_p=args.top_p,
+                                 max_tokens=args.max_tokens, template=args.template, one_shot=args.one_shot,
+                                 seed=args.seed)
+        sets = load_suite(entries, args.data_dir or default_data_dir(), limit=args.limit)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     model_dir = resolve_model_path(args.model)
     tokenizer = load_tokenizer(model_dir)
+    # The engine's context holds the longest prompt plus a full-length completion.
+    max_model_len = args.max_model_len or longest_prompt_tokens(tokenizer, sets, settings.template,
+                                                                settings.one_shot) + settings.max_tokens
+    options = {} if args.cpu_kvcache_gb is None else {"cpu_kvcache_gb": args.cpu_kvcache_gb}
     engine = make_engine(args.engine, model_path=str(model_dir), tokenizer=tokenizer, dtype=args.dtype,
-                         max_model_len=args.max_model_len, seed=args.seed)
+                         max_model_len=max_model_len, seed=settings.seed, **options)
     results = {}
     try:
-        for path in args.data:
-            problems = load_problems(path)
-            if args.limit:
-                problems = problems[: args.limit]
-            res = evaluate(engine, tokenizer, problems, samples=args.samples, max_tokens=args.max_tokens,
-                           temperature=args.temperature, top_p=args.top_p, template=args.template,
-                           one_shot=args.one_shot, seed=args.seed)
-            name = Path(path).stem
-            results[name] = res
+        for s in sets:
+            results.update(run_suite(engine, tokenizer, [s], settings))
+            res = results[s.label]
             scores = {k: v for k, v in res.items() if k.startswith("pass@")}
-            print(f"{name}: n={res['n_problems']} " + " ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+            print(f"{s.label}: n={res['n_problems']} k={res['n_samples']} " + " ".join(f"{k}={v:.4f}" for k, v in scores.items()),
+                  flush=True)
     finally:
         engine.close()
+    out_dir = Path(args.output_dir or Path("runs") / "eval" / Path(model_dir).name)
+    settings_record = {"model": str(args.model), "preset": args.preset, "engine": args.engine, "dtype": args.dtype,
+                       "limit": args.limit, **dataclasses.asdict(settings)}
+    write_report(out_dir, results, settings_record)
+    print(markdown_table(results), end="")
+    print(f"results.md, results.json and per-problem <dataset>.jsonl in {out_dir}")
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=1))
-        print(f"per-problem results in {args.output}")
+        print(f"all results with per-problem records in {args.output}")
     return 0
 
 
@@ -97,21 +117,33 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. rollout.num_generations=4")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="pass@1 (mean over K samples) and pass@K on JSONL problem files")
+    from fastgrpo.eval_suite import PRESETS
+
+    e = sub.add_parser("eval", help="pass@1 (mean over K samples) and pass@K on benchmark suites or problem files")
     e.add_argument("--model", required=True, help="a local Hugging Face model folder, or 'default'")
-    e.add_argument("--data", required=True, nargs="+", help="JSONL/parquet files with problem and answer fields")
-    e.add_argument("--samples", type=int, default=1, help="K samples per problem")
-    e.add_argument("--temperature", type=float, default=0.6)
-    e.add_argument("--top-p", type=float, default=0.95)
-    e.add_argument("--max-tokens", type=int, default=1024)
-    e.add_argument("--max-model-len", type=int, default=4096)
-    e.add_argument("--template", default="r1", help="prompt template: boxed | r1 | qwen")
-    e.add_argument("--one-shot", action="store_true", help="prepend a worked example as a chat turn")
-    e.add_argument("--limit", type=int, help="only the first N problems of each file")
-    e.add_argument("--engine", default="vllm", help="vllm | transformers")
+    e.add_argument("--suite", nargs="+", metavar="NAMES",
+                   help="comma-separated set names found in DATA_DIR/eval/ (aime24,amc23,math500,minerva,olympiadbench) or paths")
+    e.add_argument("--data", nargs="+", metavar="FILE", help="JSONL/parquet files with problem and answer fields")
+    e.add_argument("--data-dir", help="where --suite names are found: DATA_DIR/eval/<name>.jsonl "
+                                      "(default $FASTGRPO_DATA_DIR or ./data)")
+    e.add_argument("--preset", choices=sorted(PRESETS),
+                   help="a published protocol: deepscaler = 16 samples, temperature 0.6, top-p 0.95, 32,768 tokens; "
+                        "open-rs = the same with 1 sample. Explicit flags override it")
+    e.add_argument("--samples", type=int, help="K samples per problem (default 1)")
+    e.add_argument("--temperature", type=float, help="default 0.6")
+    e.add_argument("--top-p", type=float, help="default 0.95")
+    e.add_argument("--max-tokens", type=int, help="completion budget (default 1024)")
+    e.add_argument("--max-model-len", type=int, help="engine context (default: longest prompt + --max-tokens)")
+    e.add_argument("--template", choices=["boxed", "r1", "qwen"], help="prompt template (default r1)")
+    e.add_argument("--one-shot", action=argparse.BooleanOptionalAction, default=None,
+                   help="prepend a worked example as a chat turn (default off)")
+    e.add_argument("--limit", type=int, help="only the first N problems of each set")
+    e.add_argument("--engine", default="vllm", choices=["vllm", "transformers"])
     e.add_argument("--dtype", default="bfloat16")
+    e.add_argument("--cpu-kvcache-gb", type=float, help="vLLM-CPU KV cache in GiB")
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--output", help="write per-problem results as JSON")
+    e.add_argument("--output-dir", help="results.md, results.json and <set>.jsonl go here (default runs/eval/<model>)")
+    e.add_argument("--output", help="also write every result, per-problem records included, as one JSON file")
     e.set_defaults(func=cmd_eval)
 
     from fastgrpo.plan import add_plan_arguments, run_plan
@@ -119,6 +151,20 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="analytical GPU memory plan: will this model/context/group fit?")
     add_plan_arguments(pl)
     pl.set_defaults(func=run_plan)
+
+    from fastgrpo.curate import add_prepare_arguments, run_prepare
+
+    data = sub.add_parser("data", help="data curation")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    prep = data_sub.add_parser("prepare", help="load, check gradability, dedup, decontaminate, estimate difficulty")
+    add_prepare_arguments(prep)
+    prep.set_defaults(func=run_prepare)
+
+    from fastgrpo.profile import add_profile_arguments, run_profile_command
+
+    pr = sub.add_parser("profile", help="N GRPO steps timed per phase: profile.json, chart, tokens/s, MFU, memory")
+    add_profile_arguments(pr)
+    pr.set_defaults(func=run_profile_command)
     return p
 
 

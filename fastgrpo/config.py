@@ -8,6 +8,8 @@ fail with the key's dotted name and what is allowed, before any model loads.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -43,6 +45,17 @@ class DataConfig:
     levels: tuple[int, ...] = (1, 2)  # arithmetic difficulty levels
     template: str = "boxed"  # boxed | r1 | qwen
     one_shot: bool = True  # a worked example as a prior chat turn (see DESIGN: 0% -> 66% boxed)
+    # Dataset names (not paths) resolve to <data_dir>/train/<name>.jsonl (.parquet, .json) for
+    # training and <data_dir>/eval/<name>.jsonl for eval.suite; <data_dir>/<name>.jsonl also works.
+    data_dir: str = "data"
+    # Weighted mixture of training sets {path or name: weight}, used instead of `dataset`: every
+    # prompt's source is drawn with probability weight / sum(weights) (seeded, resumable), and each
+    # source is walked in its own reshuffled epochs (fastgrpo/mixture.py). open-rs Exp 2: 3:3:1.
+    mixture: dict[str, float] = field(default_factory=dict)
+    # Data reuse: train on only this many problems (a seeded pick; a mixture keeps each source's
+    # weight share), revisited every epoch. None = all. The scaling study reuses a subset up to 25x.
+    unique_problems: int | None = None
+    shuffle: bool = True  # False: every epoch in file order (a curriculum file sorted easy -> hard)
 
 
 @dataclass(frozen=True)
@@ -64,6 +77,14 @@ class RolloutConfig:
     # Iterative context lengthening (DeepScaleR 8k -> 16k -> 24k): [[from_step, max_completion_length], ...];
     # empty = rollout.max_completion_length throughout. The engine is sized for the longest stage.
     length_stages: tuple[tuple[int, int], ...] = ()
+    # colocate: the engine runs in the trainer's process (one device). server: rollouts come from
+    # `python -m fastgrpo.rollout_server` on its own device, which gets the weights after each step
+    # (fastgrpo/rollout_server.py); required with several training processes (fastgrpo/distributed.py).
+    mode: str = "colocate"
+    server_host: str = "127.0.0.1"
+    server_port: int = 8000  # the server's HTTP port
+    server_group_port: int = 0  # its weight channel (TCPStore) port; 0 = server_port + 1
+    server_timeout_s: float = 600.0  # wait this long for the server to answer at start (a vLLM start: 20-70 s on CPU)
 
 
 @dataclass(frozen=True)
@@ -84,10 +105,40 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
+class RewardConfig:
+    """Parameters of the rewards that `rewards` weighs (formulas and sources: fastgrpo/shaping.py)."""
+
+    # Cosine length reward (Yeo et al. 2025; open-r1; open-rs Exp 3):
+    # r = at_max + (at_zero - at_max) * (1 + cos(pi * L / max_len)) / 2, per correct/wrong answer.
+    # compat fastgrpo: L in tokens, clamped at max_len. compat open-rs: L in characters, unclamped
+    # (the reward cycles past max_len), cosine_wrong_at_zero 0.0 by default: its exact code.
+    compat: str = "fastgrpo"  # fastgrpo | open-rs
+    cosine_max_len: int | None = None  # None = rollout.max_completion_length (open-rs Exp 3: 3584, its limit)
+    cosine_correct_at_zero: float = 1.0  # open-r1/open-rs max_value_correct
+    cosine_correct_at_max: float = 0.5  # min_value_correct
+    cosine_wrong_at_zero: float | None = None  # min_value_wrong; None: -1.0 (fastgrpo), 0.0 (open-rs CLI default)
+    cosine_wrong_at_max: float = -0.5  # max_value_wrong
+    # N-gram repetition: -max_penalty * (1 - distinct/total word n-grams) (open-r1: n 3, -1.0).
+    repetition_ngram_size: int = 3
+    repetition_max_penalty: float = 1.0  # a magnitude (open-r1 writes it negative)
+    # DAPO soft overlong punishment: 0 up to L_max - buffer, then linear down to -penalty at L_max
+    # (tokens; L_max = rollout.max_completion_length). None = a fifth of L_max (DAPO: 4,096 of 20,480).
+    overlong_buffer_len: int | None = None
+    overlong_penalty: float = 1.0  # DAPO/verl penalty factor
+    language_penalty: float = 1.0  # reward = -penalty * share of letters in non-Latin scripts
+    # Grading of non-integer answers (fastgrpo/grader.py): worker processes, each item bounded by
+    # grader_timeout_s wall-clock (a legitimate answer takes milliseconds; a hostile one is killed
+    # at the limit and scores 0). 0 workers = in-process (only math-verify's own limits apply).
+    grader_timeout_s: float = 5.0
+    grader_workers: int = 2
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     max_steps: int = 20
     learning_rate: float = 1e-5
     lr_schedule: str = "constant"  # constant | cosine | linear (after warmup)
+    min_lr_ratio: float = 0.0  # cosine/linear decay ends at this fraction of learning_rate
     warmup_steps: int = 2
     optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes)
     weight_decay: float = 0.0
@@ -109,6 +160,12 @@ class EvalConfig:
     temperature: float = 1.0  # the rollout temperature: measures the policy that GRPO trains
     top_p: float = 1.0
     max_completion_length: int | None = None  # default: rollout.max_completion_length
+    # Benchmarks evaluated beside the held-out set (before/after and every_n_steps), with the
+    # settings above: names in <data.data_dir>/eval/ (aime24, amc23, math500, minerva,
+    # olympiadbench) or paths. Logged as eval_<name>_pass@1 and eval_<name>_pass@<samples>;
+    # per-problem completions go to <log.output_dir>/eval/step-<step>/<name>.jsonl.
+    suite: tuple[str, ...] = ()
+    suite_limit: int | None = None  # only the first N problems of each suite set (a quick look)
 
 
 @dataclass(frozen=True)
@@ -127,6 +184,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.5})
+    reward: RewardConfig = field(default_factory=RewardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -136,6 +194,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "model.attention": ("auto", "flash", "torch"),
     "rollout.engine": ("vllm", "transformers"),
+    "rollout.mode": ("colocate", "server"),
     "rollout.dtype": ("float32", "bfloat16", "float16"),
     "loss.loss_type": ("grpo", "bnpo", "dr_grpo", "dapo"),
     "loss.scale_rewards": ("group", "batch", "none"),
@@ -144,6 +203,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.optimizer": ("adamw", "adamw8bit"),
     "data.template": ("boxed", "r1", "qwen"),
     "data.on_bad_rows": ("raise", "skip"),
+    "reward.compat": ("fastgrpo", "open-rs"),
 }
 
 
@@ -241,7 +301,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "rewards":
+        # rewards and data.mixture are {name: weight} maps: an override replaces the whole map
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("rewards", "mixture"):
             out[k] = _merge(out[k], v)
         else:
             out[k] = v
@@ -282,13 +343,77 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         try:
             _build(Config, loaded, "")  # names the file's own bad key before merging
         except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
+            raise ConfigError(f"{_file_line(path, exc)}: {exc}") from None
         data = _merge(data, loaded)
     for item in overrides:
         data = _merge(data, parse_override(item))
     cfg = _build(Config, data, "")
-    validate(cfg)
+    try:
+        validate(cfg)
+    except ConfigError as exc:
+        # A cross-field error about a key that the file sets (and no override replaces) points at its line.
+        key = _key_of(str(exc))
+        overridden = key is not None and any(key == o.split("=", 1)[0].strip() for o in overrides)
+        if path is None or overridden or _yaml_line(path.read_text(), key) is None:
+            raise
+        raise ConfigError(f"{_file_line(path, exc)}: {exc}") from None
     return cfg
+
+
+_KEY_IN_MESSAGE = re.compile(r"^(?:unknown config key ')?([A-Za-z_]\w*(?:\.[\w-]+)*)")
+
+
+def _key_of(message: str) -> str | None:
+    """The dotted key a ConfigError message starts with ("train.lr: ...", "unknown config key 'train.lr'")."""
+    m = _KEY_IN_MESSAGE.match(message)
+    return m.group(1) if m else None
+
+
+def _yaml_line(text: str, key: str | None) -> int | None:
+    """1-based line where a YAML document sets the dotted ``key``; None when it does not."""
+    if key is None:
+        return None
+    node, line = yaml.compose(text), None
+    for part in key.split("."):
+        if not isinstance(node, yaml.MappingNode):
+            return None
+        hit = next(((k, v) for k, v in node.value if k.value == part), None)
+        if hit is None:
+            return None
+        line, node = hit[0].start_mark.line + 1, hit[1]
+    return line
+
+
+def _file_line(path: Path, exc: ConfigError) -> str:
+    """``path:line`` of the key an error names (``path`` when the file does not set it)."""
+    line = _yaml_line(path.read_text(), _key_of(str(exc)))
+    return f"{path}:{line}" if line else str(path)
+
+
+def _validate_reward(cfg: Config) -> None:
+    """Ranges of the `reward` section; the overlong buffer must fit every length limit of the run."""
+    rw = cfg.reward
+    for key in ("cosine_correct_at_zero", "cosine_correct_at_max", "cosine_wrong_at_zero", "cosine_wrong_at_max"):
+        value = getattr(rw, key)
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"reward.{key} must be a finite number, got {value}")
+    for key in ("repetition_max_penalty", "overlong_penalty", "language_penalty"):
+        value = getattr(rw, key)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"reward.{key} is a penalty's magnitude: a finite number >= 0, got {value}")
+    if rw.cosine_max_len is not None and rw.cosine_max_len < 1:
+        raise ConfigError(f"reward.cosine_max_len must be >= 1 (or null for rollout.max_completion_length), got {rw.cosine_max_len}")
+    if rw.repetition_ngram_size < 1:
+        raise ConfigError(f"reward.repetition_ngram_size must be >= 1, got {rw.repetition_ngram_size}")
+    limits = [cfg.rollout.max_completion_length] + [length for _, length in cfg.rollout.length_stages]
+    if rw.overlong_buffer_len is not None and not 1 <= rw.overlong_buffer_len <= min(limits):
+        raise ConfigError(
+            f"reward.overlong_buffer_len must be in 1..{min(limits)} (the smallest completion length limit of the run), "
+            f"got {rw.overlong_buffer_len}")
+    if not (math.isfinite(rw.grader_timeout_s) and rw.grader_timeout_s > 0):
+        raise ConfigError(f"reward.grader_timeout_s must be a finite number of seconds > 0, got {rw.grader_timeout_s}")
+    if rw.grader_workers < 0:
+        raise ConfigError(f"reward.grader_workers must be >= 0 (0 grades in-process), got {rw.grader_workers}")
 
 
 def validate(cfg: Config) -> None:
@@ -303,14 +428,31 @@ def validate(cfg: Config) -> None:
         "data.num_eval": cfg.data.num_eval,
         "eval.samples": cfg.eval.samples,
         "log.keep_last": cfg.log.keep_last,
+        "log.checkpoint_every": cfg.log.checkpoint_every,  # 0 would divide by zero after the first step
+        "eval.max_completion_length": cfg.eval.max_completion_length,
+        "rollout.max_model_len": r.max_model_len,
     }
+    if cfg.data.dataset == "arithmetic":
+        positive["data.num_train"] = cfg.data.num_train
     for key, value in positive.items():
-        if value < 1:
+        if value is not None and value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+    if cfg.eval.every_n_steps < 0:
+        raise ConfigError(f"eval.every_n_steps must be >= 0 (0 = only before and after), got {cfg.eval.every_n_steps}")
+    if not t.max_grad_norm > 0:
+        raise ConfigError(f"train.max_grad_norm must be > 0 (the gradient is clipped to it), got {t.max_grad_norm}")
     if r.num_generations < 2:
         raise ConfigError(
             f"rollout.num_generations must be >= 2 (group-relative advantages need a group), got {r.num_generations}"
         )
+    if not 1 <= r.server_port <= 65535:
+        raise ConfigError(f"rollout.server_port must be a TCP port in 1..65535, got {r.server_port}")
+    if not 0 <= r.server_group_port <= 65535:
+        raise ConfigError(f"rollout.server_group_port must be 0 (server_port + 1) or a port in 1..65535, got {r.server_group_port}")
+    if r.server_group_port == r.server_port:
+        raise ConfigError(f"rollout.server_group_port must differ from rollout.server_port ({r.server_port})")
+    if r.server_timeout_s <= 0:
+        raise ConfigError(f"rollout.server_timeout_s must be > 0 seconds, got {r.server_timeout_s}")
     if r.temperature <= 0:
         raise ConfigError(f"rollout.temperature must be > 0 for sampling, got {r.temperature}")
     if not 0 < r.top_p <= 1:
@@ -321,10 +463,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"loss.epsilon_low/epsilon_high must be >= 0, got {lo.epsilon_low}/{lo.epsilon_high}")
     if t.learning_rate <= 0:
         raise ConfigError(f"train.learning_rate must be > 0, got {t.learning_rate}")
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     if t.warmup_steps < 0:
         raise ConfigError(f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
     if not cfg.rewards:
         raise ConfigError("rewards: at least one reward with a weight is required, e.g. {accuracy: 1.0}")
+    _validate_reward(cfg)
     if t.max_tokens_per_microbatch < r.max_completion_length + 1:
         raise ConfigError(
             f"train.max_tokens_per_microbatch={t.max_tokens_per_microbatch} is smaller than one sequence "
@@ -349,3 +494,35 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"loss.tis_cap must be 0 (off) or >= 1 (a cap on the importance weight), got {lo.tis_cap}")
     if not cfg.data.levels or any(lv not in (1, 2, 3, 4) for lv in cfg.data.levels):
         raise ConfigError(f"data.levels must be a non-empty list of 1..4, got {list(cfg.data.levels)}")
+    _validate_data_sources(cfg)
+
+
+def _validate_data_sources(cfg: Config) -> None:
+    """data.mixture / unique_problems and eval.suite: checks that need no file access."""
+    d, e = cfg.data, cfg.eval
+    if d.mixture and d.dataset != DataConfig.dataset:
+        raise ConfigError(
+            f"data.mixture replaces data.dataset: set one of them, got dataset={d.dataset!r} and a mixture of "
+            f"{sorted(d.mixture)}")
+    for name, weight in d.mixture.items():
+        if not name.strip():
+            raise ConfigError("data.mixture: a dataset name is empty")
+        if name == "arithmetic":
+            raise ConfigError("data.mixture: the built-in arithmetic task cannot be mixed; use JSONL/parquet files")
+        if not (math.isfinite(weight) and weight > 0):
+            raise ConfigError(f"data.mixture.{name}: the weight must be a finite number > 0, got {weight}")
+    if d.unique_problems is not None and d.unique_problems < 1:
+        raise ConfigError(f"data.unique_problems must be >= 1 (or null for all), got {d.unique_problems}")
+    if d.mixture and d.unique_problems is not None and d.unique_problems < len(d.mixture):
+        raise ConfigError(
+            f"data.unique_problems={d.unique_problems} cannot give each of the {len(d.mixture)} mixture sources a problem")
+    if e.suite_limit is not None and e.suite_limit < 1:
+        raise ConfigError(f"eval.suite_limit must be >= 1 (or null for all), got {e.suite_limit}")
+    from fastgrpo.mixture import dataset_label
+
+    if any(not s.strip() for s in e.suite):
+        raise ConfigError(f"eval.suite: a dataset name is empty, got {list(e.suite)}")
+    labels = [dataset_label(s) for s in e.suite]
+    duplicates = sorted({s for s in labels if labels.count(s) > 1})
+    if duplicates:
+        raise ConfigError(f"eval.suite: the names {duplicates} occur twice (metrics are keyed by name)")

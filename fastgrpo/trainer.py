@@ -3,12 +3,18 @@
 
 Algorithm choices, each a config key (fastgrpo/config.py holds every default):
 - rollout: ``rollout.num_generations`` (G) samples for each of ``rollout.prompts_per_step`` prompts,
-  from an in-process vLLM engine (``rollout.engine``) that keeps the sampler's log-probs;
-- reward: a weighted sum of registered rewards (``rewards: {accuracy: 1.0, format: 0.5}``);
+  from an in-process vLLM engine (``rollout.engine``) that keeps the sampler's log-probs; with
+  ``rollout.dynamic_sampling_rounds`` groups whose rewards all agree are replaced by fresh prompts
+  (DAPO), and ``rollout.length_stages`` raises the length limit at given steps (DeepScaleR);
+- reward: a weighted sum of registered rewards (``rewards: {accuracy: 1.0, format: 0.5}``), graded in
+  worker processes with a time bound per answer (fastgrpo/grader.py);
 - advantage: group-relative, ``(r - mean) / std`` with the std of the group, of the batch, or none
   (``loss.scale_rewards``), one value per completion;
-- objective: the clipped ratio with ``loss.epsilon_low/high``, k3 KL to a frozen reference when
-  ``loss.beta > 0`` (no reference model is loaded otherwise), aggregated by ``loss.loss_type``;
+- objective: the clipped ratio with ``loss.epsilon_low/high``, per token or per sequence (GSPO,
+  ``loss.importance_sampling_level``), k3 KL to a frozen reference when ``loss.beta > 0`` (no
+  reference model is loaded otherwise), aggregated by ``loss.loss_type``; optional truncated
+  importance weights against the engine's sampler (``loss.tis_cap``) and masking of truncated
+  completions (``loss.mask_truncated``);
 - ``train.num_iterations`` optimizer passes over one rollout; log-probs before the first pass are
   the "old" ones (with one pass, the ratio is 1 and only its gradient matters);
 - sequences are packed without padding into micro-batches of at most
@@ -33,19 +39,24 @@ import torch
 from tqdm.auto import tqdm
 
 from fastgrpo import checkpoint as ckpt
+from fastgrpo import distributed
 from fastgrpo.attention import set_attention_backend
-from fastgrpo.config import Config, to_dict
-from fastgrpo.data import PromptSampler, build_messages, encode_prompt, load_task
+from fastgrpo.config import Config, ConfigError, to_dict
+from fastgrpo.data import build_messages, encode_prompt
 from fastgrpo.eval import evaluate
+from fastgrpo.eval_suite import eval_settings, load_suite, run_suite, suite_metrics, write_report
+from fastgrpo.grader import shared_grader
 from fastgrpo.kernels import fused_grpo_loss
 from fastgrpo.loss import group_advantages
-from fastgrpo.metrics import MetricsLogger
+from fastgrpo.metrics import MetricsLogger, roll_back_metrics
+from fastgrpo.mixture import load_training_data, make_sampler
 from fastgrpo.model import (apply_liger_patches, lm_head_weight, load_policy, load_reference, load_tokenizer,
                             packed_hidden_states, packed_token_logprobs, resolve_model_path)
 from fastgrpo.optim import build_optimizer, build_scheduler
 from fastgrpo.packing import pack_sequences, plan_microbatches
 from fastgrpo.phases import PhaseTimer
-from fastgrpo.rewards import compute_rewards, get_reward
+from fastgrpo.preflight import check_run
+from fastgrpo.rewards import compute_rewards, pop_reward_metrics
 from fastgrpo.rollout import Completion, make_engine
 
 log = logging.getLogger("fastgrpo")
@@ -121,7 +132,10 @@ def collect_groups(engine, sampler, encode, cfg: Config, step: int, max_tokens: 
         texts = [s.text for s in samples]
         answers = [problems[s.prompt_index]["answer"] for s in samples]
         with timer.phase("reward"):
-            rewards, per_reward = compute_rewards(cfg.rewards, texts, answers)
+            rewards, per_reward, _ = compute_rewards(
+                cfg.rewards, texts, answers, settings=cfg.reward, max_completion_length=max_tokens,
+                completion_lengths=[len(s.token_ids) for s in samples],
+                truncated=[s.finish_reason == "length" for s in samples])  # metrics: pop_reward_metrics() at log time
         drawn += len(problems)
         for j, prompt in enumerate(prompts):
             sl = slice(j * G, (j + 1) * G)
@@ -150,8 +164,8 @@ def save_on_failure(out: Path, step: int, policy, tokenizer, optimizer, schedule
     if step < 1 or (latest is not None and latest.name == f"checkpoint-{step}"):
         return f"the newest checkpoint is {latest}" if latest else "no step had finished, nothing to save"
     try:
-        path = ckpt.save_checkpoint(out, step, policy, tokenizer, optimizer, scheduler,
-                                    {"sampler": sampler_state, "config": to_dict(cfg)}, keep_last=cfg.log.keep_last)
+        path = distributed.save_checkpoint(out, step, policy, tokenizer, optimizer, scheduler,
+                                           {"sampler": sampler_state, "config": to_dict(cfg)}, keep_last=cfg.log.keep_last)
     except Exception as exc:  # the original failure matters more than this one
         log.error("could not save a checkpoint after the failure: %s", exc)
         return f"saving a checkpoint failed too ({exc}); the newest is {latest}"
@@ -163,13 +177,18 @@ def train(cfg: Config, resume: bool = False, timer: PhaseTimer | None = None) ->
 
     ``timer`` times the phases of each step (``fastgrpo profile`` passes one that also tracks memory).
     """
+    shape = check_run(cfg)  # rewards, data, model folder and lengths: one clear error before any model loads
     out = Path(cfg.log.output_dir)
+    if not resume and ckpt.latest_checkpoint(out) is not None:
+        raise ConfigError(f"log.output_dir={str(out)!r} holds checkpoints of an earlier run: continue it with "
+                          f"`fastgrpo train --resume {out}`, or choose another --output-dir")
+    distributed.setup(cfg)  # several ranks under torchrun, else a no-op
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    for name in cfg.rewards:
-        get_reward(name)  # unknown reward names fail now, before any model loads
-    train_problems, eval_problems = load_task(cfg.data, seed=cfg.train.seed)
+    train_problems, eval_problems = load_training_data(cfg.data, seed=cfg.train.seed)
+    # Benchmarks evaluated with the held-out split: loaded now so that a bad name fails before any model loads.
+    suite = load_suite(cfg.eval.suite, cfg.data.data_dir, limit=cfg.eval.suite_limit) if cfg.eval.suite else []
     device = pick_device()
     timer = timer or PhaseTimer(device)
 
@@ -184,35 +203,49 @@ def train(cfg: Config, resume: bool = False, timer: PhaseTimer | None = None) ->
                          gradient_checkpointing=cfg.model.gradient_checkpointing)
     if cfg.model.liger:
         apply_liger_patches(policy)
-    reference = load_reference(model_dir, dtype=dtype, device=device) if cfg.loss.beta > 0 else None
+    policy = distributed.shard_model(policy)  # FSDP2 over the ranks; one process: unchanged
+    reference = distributed.shard_model(load_reference(model_dir, dtype=dtype, device=device)) if cfg.loss.beta > 0 else None
     optimizer = build_optimizer(policy.parameters(), cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
-    sampler = PromptSampler(train_problems, cfg.rollout.prompts_per_step, seed=cfg.train.seed)
+    sampler = make_sampler(cfg, train_problems)
     first_step = 1
     if start is not None:
-        state = ckpt.load_training_state(start, optimizer, scheduler)
+        state = distributed.load_training_state(start, policy, optimizer, scheduler)  # from any world size
         sampler.load_state_dict(state["sampler"])
         first_step = state["step"] + 1
         log.info("resumed from %s at step %d", start, state["step"])
+        if distributed.is_main() and roll_back_metrics(out, state["step"]):  # steps after the checkpoint run again: each is logged once
+            log.warning("records of steps after %d moved to %s", state["step"], out / "metrics.rolled_back.jsonl")
 
     def prompt_ids_of(problems: list[dict]) -> list[list[int]]:
         return [encode_prompt(tokenizer, build_messages(p["problem"], cfg.data.template, cfg.data.one_shot)) for p in problems]
 
-    longest_prompt = max(len(ids) for ids in prompt_ids_of(train_problems[:256] + eval_problems[:256]))
+    # The engine is sized once for the longest prompt of any split (preflight measured it) plus the
+    # longest completion of any length stage or evaluation, within the model's own limit.
+    longest_prompt = shape.longest_prompt or max(len(ids) for ids in prompt_ids_of(train_problems[:256] + eval_problems[:256]))
+    max_model_len = cfg.rollout.max_model_len or longest_prompt + 64 + max(longest_completion(cfg), cfg.eval.max_completion_length or 0)
+    if shape.model_max_length:
+        max_model_len = min(max_model_len, shape.model_max_length)
     engine = make_engine(
         cfg.rollout.engine, model_path=str(latest or model_dir), model=policy, tokenizer=tokenizer,
         dtype=cfg.rollout.dtype, seed=cfg.train.seed,
-        max_model_len=cfg.rollout.max_model_len or longest_prompt + 64 + max(longest_completion(cfg), cfg.eval.max_completion_length or 0),
+        max_model_len=max_model_len,
         gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
         enable_sleep_mode=cfg.rollout.enable_sleep_mode, cpu_kvcache_gb=cfg.rollout.cpu_kvcache_gb,
+        mode=cfg.rollout.mode, server_host=cfg.rollout.server_host, server_port=cfg.rollout.server_port,
+        server_group_port=cfg.rollout.server_group_port, server_timeout_s=cfg.rollout.server_timeout_s,
     )
-    logger = MetricsLogger(out, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb, config=to_dict(cfg))
+    if start is not None:
+        # vLLM seeds the global generators when it starts: the checkpoint's RNG state goes back after it.
+        ckpt.set_rng_state(torch.load(start / "rng.pt", weights_only=True))
+    logger = MetricsLogger(out, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb, config=to_dict(cfg)) if distributed.is_main() else distributed.NullLogger()
     summary: dict[str, Any] = {}
     try:
         if cfg.eval.before_and_after and start is None:
-            summary["eval_before"] = run_eval(engine, tokenizer, eval_problems, cfg, step=0, logger=logger, tag="before")
+            summary["eval_before"] = run_eval(engine, tokenizer, eval_problems, cfg, step=0, logger=logger, tag="before", suite=suite)
 
-        bar = tqdm(range(first_step, cfg.train.max_steps + 1), desc="GRPO", unit="step", dynamic_ncols=True)
+        bar = tqdm(range(first_step, cfg.train.max_steps + 1), desc="GRPO", unit="step", dynamic_ncols=True,
+                   disable=not distributed.is_main())
         nonfinite_in_a_row = 0
         for step in bar:
             t_step = time.perf_counter()
@@ -224,7 +257,7 @@ def train(cfg: Config, resume: bool = False, timer: PhaseTimer | None = None) ->
             except Exception as exc:
                 # Nothing of this step has touched the weights: the last finished step is saved.
                 saved = save_on_failure(out, step - 1, policy, tokenizer, optimizer, scheduler, sampler_before, cfg)
-                raise TrainingStopped(f"the rollout engine failed at step {step} ({type(exc).__name__}: {exc}); "
+                raise TrainingStopped(f"rollout or grading failed at step {step} ({type(exc).__name__}: {exc}); "
                                       f"{saved}. Continue with: fastgrpo train --resume {out}") from exc
             samples = batch.samples
             # 3. group-relative advantage, one value per completion
@@ -241,8 +274,14 @@ def train(cfg: Config, resume: bool = False, timer: PhaseTimer | None = None) ->
             engine.wake_up()
 
             # 7. the rollout engine gets the new weights in place
-            with timer.phase("sync"):
-                engine.sync_weights(policy)
+            try:
+                with timer.phase("sync"):
+                    engine.sync_weights(policy)
+            except Exception as exc:
+                # The update is done and the sampler has moved on: this step is complete but unlogged.
+                saved = save_on_failure(out, step, policy, tokenizer, optimizer, scheduler, sampler.state_dict(), cfg)
+                raise TrainingStopped(f"the weight sync to the rollout engine failed at step {step} "
+                                      f"({type(exc).__name__}: {exc}); {saved}. Continue with: fastgrpo train --resume {out}") from exc
 
             # 8. log
             n_tokens = sum(len(c) for c in rollout.completions)
@@ -255,6 +294,7 @@ def train(cfg: Config, resume: bool = False, timer: PhaseTimer | None = None) ->
                 "reward_mean": reward_t.mean().item(),
                 "reward_std": reward_t.std().item(),
                 **{f"reward_{k}": sum(v) / len(v) for k, v in per_reward.items()},
+                **pop_reward_metrics(),  # grader_timeouts/_crashes/_errors, reward_failures_<name>, lang_drift_frac
                 "accuracy": _mean(per_reward.get("accuracy")),
                 "format_rate": _mean(per_reward.get("format")),
                 "completion_len_mean": n_tokens / len(rollout.completions),
@@ -268,7 +308,7 @@ def train(cfg: Config, resume: bool = False, timer: PhaseTimer | None = None) ->
                 "tokens_per_s": n_tokens / step_s,
             }
             if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and step != cfg.train.max_steps:
-                record.update(run_eval(engine, tokenizer, eval_problems, cfg, step=step, logger=None, tag="during"))
+                record.update(run_eval(engine, tokenizer, eval_problems, cfg, step=step, logger=None, tag="during", suite=suite))
             logger.log(record)
             bar.set_postfix(reward=f"{record['reward_mean']:.3f}", acc=f"{record['accuracy']:.2f}",
                             step_s=f"{step_s:.1f}", sync_s=f"{phase_s['sync_s']:.2f}")
@@ -276,21 +316,25 @@ def train(cfg: Config, resume: bool = False, timer: PhaseTimer | None = None) ->
             # 9. checkpoint; a run whose updates keep coming out non-finite stops here with one
             nonfinite_in_a_row = nonfinite_in_a_row + 1 if stats["skipped_steps"] else 0
             if nonfinite_in_a_row >= cfg.train.max_consecutive_nonfinite:
-                ckpt.save_checkpoint(out, step, policy, tokenizer, optimizer, scheduler,
-                                     {"sampler": sampler.state_dict(), "config": to_dict(cfg)}, keep_last=cfg.log.keep_last)
+                distributed.save_checkpoint(out, step, policy, tokenizer, optimizer, scheduler,
+                                            {"sampler": sampler.state_dict(), "config": to_dict(cfg)}, keep_last=cfg.log.keep_last)
                 raise TrainingStopped(
                     f"{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (train.max_consecutive_nonfinite="
                     f"{cfg.train.max_consecutive_nonfinite}); weights are those of the last finite update, saved in "
                     f"{out}/checkpoint-{step}. Lower train.learning_rate or check the data, then --resume {out}")
             if step % cfg.log.checkpoint_every == 0 or step == cfg.train.max_steps:
-                ckpt.save_checkpoint(out, step, policy, tokenizer, optimizer, scheduler,
-                                     {"sampler": sampler.state_dict(), "config": to_dict(cfg)}, keep_last=cfg.log.keep_last)
+                distributed.save_checkpoint(out, step, policy, tokenizer, optimizer, scheduler,
+                                            {"sampler": sampler.state_dict(), "config": to_dict(cfg)}, keep_last=cfg.log.keep_last)
 
         if cfg.eval.before_and_after:
-            summary["eval_after"] = run_eval(engine, tokenizer, eval_problems, cfg, step=cfg.train.max_steps, logger=logger, tag="after")
+            summary["eval_after"] = run_eval(engine, tokenizer, eval_problems, cfg, step=cfg.train.max_steps, logger=logger, tag="after", suite=suite)
     finally:
         logger.close()
-        engine.close()
+        try:
+            engine.close()
+        except Exception as exc:  # never hide the error that ended the run
+            log.error("closing the rollout engine failed: %s", exc)
+        distributed.teardown()
     return summary
 
 
@@ -298,12 +342,19 @@ def grpo_update(policy, reference, optimizer, rollout: Rollout, cfg: Config, dev
                 timer: PhaseTimer | None = None, max_completion_length: int | None = None) -> dict[str, float]:
     """``train.num_iterations`` optimizer steps on one rollout; returns the step's training metrics."""
     timer = timer or PhaseTimer(device)
+    # The loss is normalized by the global batch's counts; with several ranks each trains on its share
+    # (whole rollout on one process) and FSDP2 sums the gradients.
+    # loss.mask_truncated: truncated completions are as if absent, in the loss and in its normalizers.
+    kept = [i for i, cut in enumerate(rollout.truncated) if not (cfg.loss.mask_truncated and cut)]
+    n_seqs = max(1, len(kept))
+    n_tokens = max(1, sum(len(rollout.completions[i]) for i in kept))
+    all_tokens = max(1, sum(len(c) for c in rollout.completions))  # metrics are means over every token
+    rollout = distributed.local_rollout(rollout)
     lengths = [len(rollout.prompts[p]) + len(c) for p, c in zip(rollout.prompt_index, rollout.completions)]
-    plans = plan_microbatches(lengths, cfg.train.max_tokens_per_microbatch)
+    plans = distributed.same_microbatch_count(plan_microbatches(lengths, cfg.train.max_tokens_per_microbatch), lengths)
+    n_microbatches = len(plans) * distributed.world_size()
     batches = [pack_sequences(*rollout.sequences(idx)).to(device) for idx in plans]
     temperature = cfg.rollout.temperature
-    n_seqs = len(lengths)
-    n_tokens = sum(len(c) for c in rollout.completions)
     lo = cfg.loss
 
     # Log-probs that stay fixed over the passes: the reference's (beta > 0) and the "old" policy's
@@ -319,6 +370,12 @@ def grpo_update(policy, reference, optimizer, rollout: Rollout, cfg: Config, dev
         sums: dict[str, float] = {}
         mismatch_sum, entropy_sum, loss_total = 0.0, 0.0, 0.0
         for k, (idx, batch) in enumerate(zip(plans, batches)):
+            # The sampler's log-probs of these completion tokens: the truncated-IS weights (tis_cap > 0)
+            # and, on the first pass, the logprob_mismatch metric. Truncated completions get no loss
+            # when loss.mask_truncated (DAPO's overlong filtering).
+            sampler_lp = torch.tensor([x for i in idx for x in rollout.sampler_logprobs[i]], dtype=torch.float32,
+                                      device=device)
+            keep = torch.tensor([not rollout.truncated[i] for i in idx], device=device) if lo.mask_truncated else None
             # One pass over the LM head: log-probs, loss and the gradients w.r.t. the hidden states
             # and the head weight (3 matmuls, logits never materialized), then backward through the model.
             with timer.phase("forward"):
@@ -328,7 +385,9 @@ def grpo_update(policy, reference, optimizer, rollout: Rollout, cfg: Config, dev
                     rollout.advantages[idx].to(device), batch.completion_cu_seqlens, temperature=temperature,
                     loss_type=lo.loss_type, epsilon_low=lo.epsilon_low, epsilon_high=lo.epsilon_high, beta=lo.beta,
                     max_completion_length=max_completion_length or cfg.rollout.max_completion_length,
-                    num_sequences=n_seqs, num_tokens=n_tokens, num_microbatches=len(plans), return_entropy=True,
+                    num_sequences=n_seqs, num_tokens=n_tokens, num_microbatches=n_microbatches, return_entropy=True,
+                    importance_sampling_level=lo.importance_sampling_level, sampler_logp=sampler_lp,
+                    tis_cap=lo.tis_cap, sequence_mask=keep,
                 )
             with timer.phase("backward"):
                 loss.backward()
@@ -337,8 +396,8 @@ def grpo_update(policy, reference, optimizer, rollout: Rollout, cfg: Config, dev
             entropy_sum += entropy.sum().item()
             if it == 0:
                 # The rollout was sampled with exactly these weights: any gap is sync or numerics.
-                sampler_lp = torch.tensor([x for i in idx for x in rollout.sampler_logprobs[i]], dtype=torch.float32)
-                mismatch_sum += (logp.cpu() - sampler_lp).abs().sum().item()
+                mismatch_sum += (logp - sampler_lp).abs().sum().item()
+        sums, loss_total, entropy_sum, mismatch_sum = distributed.reduce_step_sums(sums, loss_total, entropy_sum, mismatch_sum)
         with timer.phase("optimizer"):
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.train.max_grad_norm).item()
             if math.isfinite(grad_norm) and math.isfinite(loss_total):
@@ -348,7 +407,7 @@ def grpo_update(policy, reference, optimizer, rollout: Rollout, cfg: Config, dev
                 log.warning("non-finite loss (%s) or grad norm (%s): update skipped", loss_total, grad_norm)
                 stats["skipped_steps"] = stats.get("skipped_steps", 0.0) + 1
         if it == 0:
-            denom = max(1, n_tokens)
+            denom = all_tokens
             stats.update({name: (v / denom if _is_mean(name) else v) for name, v in sums.items()})
             stats.update(loss=loss_total, grad_norm=grad_norm, entropy_mean=entropy_sum / denom,
                          logprob_mismatch=mismatch_sum / denom)
@@ -356,14 +415,24 @@ def grpo_update(policy, reference, optimizer, rollout: Rollout, cfg: Config, dev
     return stats
 
 
-def run_eval(engine, tokenizer, problems, cfg: Config, *, step: int, logger: MetricsLogger | None, tag: str) -> dict[str, float]:
-    """Held-out accuracy with the engine's current weights; logged as ``eval_*`` metrics."""
+def run_eval(engine, tokenizer, problems, cfg: Config, *, step: int, logger: MetricsLogger | None, tag: str,
+             suite: list | None = None) -> dict[str, float]:
+    """Held-out accuracy, and ``eval.suite``'s benchmarks, with the engine's current weights; logged
+    as ``eval_*`` and ``eval_<set>_pass@k`` metrics. The suite's per-problem records (completions,
+    extracted answers, correctness) and tables go to ``<log.output_dir>/eval/step-<step>/``."""
+    if not distributed.is_main():
+        return {}  # rank 0 evaluates (the rollout server serves it alone), logs and writes the reports
     t0 = time.perf_counter()
-    result = evaluate(engine, tokenizer, problems, samples=cfg.eval.samples,
-                      max_tokens=cfg.eval.max_completion_length or cfg.rollout.max_completion_length,
-                      temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, template=cfg.data.template,
-                      one_shot=cfg.data.one_shot, seed=cfg.train.seed)
+    settings = dict(samples=cfg.eval.samples, max_tokens=cfg.eval.max_completion_length or cfg.rollout.max_completion_length,
+                    temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, template=cfg.data.template,
+                    one_shot=cfg.data.one_shot, seed=cfg.train.seed)
+    result = evaluate(engine, tokenizer, problems, **settings,
+                      grader=shared_grader(cfg.reward.grader_workers, cfg.reward.grader_timeout_s))
     metrics = {f"eval_{k}": v for k, v in result.items() if isinstance(v, (int, float))}
+    if suite:
+        suite_results = run_suite(engine, tokenizer, suite, eval_settings(**settings))
+        metrics.update(suite_metrics(suite_results))
+        write_report(Path(cfg.log.output_dir) / "eval" / f"step-{step}", suite_results, {"step": step, "tag": tag, **settings})
     metrics["eval_s"] = time.perf_counter() - t0
     log.info("held-out accuracy %s step %d: %s", tag, step, {k: round(v, 4) for k, v in metrics.items()})
     if logger is not None:
