@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prepend a worked example as a chat turn (default off)")
     e.add_argument("--limit", type=int, help="only the first N problems of each set")
     e.add_argument("--engine", default="vllm", choices=["vllm", "transformers"])
-    e.add_argument("--dtype", default="bfloat16")
+    e.add_argument("--dtype", default="auto", help="engine dtype: auto (bfloat16 on a GPU, float32 on CPU) | float32 | bfloat16 | float16")
     e.add_argument("--cpu-kvcache-gb", type=float, help="vLLM-CPU KV cache in GiB")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--output-dir", help="results.md, results.json and <set>.jsonl go here (default runs/eval/<model>)")

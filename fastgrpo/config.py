@@ -66,7 +66,7 @@ class RolloutConfig:
     max_completion_length: int = 64  # the default task's answers take ~20-30 tokens
     temperature: float = 1.0
     top_p: float = 1.0
-    dtype: str = "bfloat16"  # engine dtype
+    dtype: str = "auto"  # engine dtype; auto = bfloat16 on a GPU, float32 on CPU (faster there, see rollout.py)
     max_model_len: int | None = None  # default: longest prompt budget + max_completion_length
     gpu_memory_utilization: float = 0.3  # vLLM's share of a GPU; 0.3 of 48 GB leaves ~33 GB to train
     enable_sleep_mode: bool = False  # GPU: free vLLM's KV cache while training
@@ -195,7 +195,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.attention": ("auto", "flash", "torch"),
     "rollout.engine": ("vllm", "transformers"),
     "rollout.mode": ("colocate", "server"),
-    "rollout.dtype": ("float32", "bfloat16", "float16"),
+    "rollout.dtype": ("auto", "float32", "bfloat16", "float16"),
     "loss.loss_type": ("grpo", "bnpo", "dr_grpo", "dapo"),
     "loss.scale_rewards": ("group", "batch", "none"),
     "loss.importance_sampling_level": ("token", "sequence"),

@@ -159,7 +159,7 @@ def vllm_engine_args(
     model_path: str | os.PathLike,
     *,
     device: str,
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     max_model_len: int = 1024,
     seed: int = 0,
     gpu_memory_utilization: float = 0.35,
@@ -179,6 +179,11 @@ def vllm_engine_args(
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
     on_gpu = device == "cuda"
+    if dtype == "auto":
+        # bf16 on a GPU. On CPU fp32 is faster: SmolLM2-135M, 8 prompts x 8 samples x 128 tokens on
+        # 2 cores, 287-306 tokens/s fp32 vs 243-255 bf16 (AVX-512 bf16, side by side), and its
+        # log-probs match an fp32 trainer to ~1e-6 instead of bf16's ~0.03 nats.
+        dtype = "bfloat16" if on_gpu else "float32"
     engine_args: dict[str, Any] = dict(
         model=str(model_path),
         dtype=dtype,
@@ -218,7 +223,7 @@ class VLLMEngine:
         self,
         model_path: str | os.PathLike,
         *,
-        dtype: str = "bfloat16",
+        dtype: str = "auto",
         max_model_len: int = 1024,
         seed: int = 0,
         gpu_memory_utilization: float = 0.35,

