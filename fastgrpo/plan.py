@@ -517,7 +517,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--beta", type=float, default=LossConfig.beta, help="KL weight; > 0 adds a reference model")
     parser.add_argument("--vllm-memory-share", type=float, default=RolloutConfig.gpu_memory_utilization,
                         help="fraction of GPU memory for the colocated vLLM engine (0: none)")
-    parser.add_argument("--vllm-dtype", default=RolloutConfig.dtype, choices=tuple(DTYPE_BYTES))
+    parser.add_argument("--vllm-dtype", default="bfloat16", choices=tuple(DTYPE_BYTES),
+                        help="the engine dtype on a GPU (rollout.dtype=auto is bfloat16 there)")
     parser.add_argument("--micro-batch-tokens", type=int, default=None,
                         help="packed tokens per micro-batch (default: --max-len)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
