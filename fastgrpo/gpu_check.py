@@ -24,10 +24,10 @@ REPORT_DIR = Path("gpu_report")
 R1_RECIPE = "configs/r1-distill-qwen-1.5b-a40.yaml"
 
 
-def _run(name: str, cmd: list[str], log_dir: Path) -> tuple[int, float]:
+def _run(name: str, cmd: list[str], log_dir: Path, env: dict[str, str] | None = None) -> tuple[int, float]:
     started = time.perf_counter()
     with open(log_dir / f"{name}.log", "w") as log:
-        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     return rc, time.perf_counter() - started
 
 
@@ -66,6 +66,12 @@ def main() -> int:
     rc, s = _run("bench", [pytest, "benchmarks/", "--benchmark-only", "-q",
                            f"--benchmark-json={REPORT_DIR / 'bench.json'}"], REPORT_DIR)
     steps.append(("kernel + rollout benchmarks", rc, s))
+    # The launcher picks the Triton backward by a roofline model: time both forms to check its choice.
+    for form in ("two-kernel", "atomic"):
+        rc, s = _run(f"bench-bwd-{form}", [pytest, "benchmarks/bench_kernels.py", "--benchmark-only", "-q",
+                                            f"--benchmark-json={REPORT_DIR / f'bench-bwd-{form}.json'}"],
+                     REPORT_DIR, env={"FASTGRPO_LOGPROB_BWD": form})
+        steps.append((f"kernel benchmarks, {form} Triton backward forced", rc, s))
 
     model = os.environ.get("FASTGRPO_R1_PATH")
     if not model:

@@ -19,6 +19,8 @@ choose_backward_kernel picks by the roofline model (numbers there). (Not yet tim
 """
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 
 import torch
@@ -452,7 +454,9 @@ def choose_backward_kernel(N: int, H: int, V: int, dtype: torch.dtype, device: t
     leaves L2 (SmolLM2 on A40's 6 MB: 7.34 / 3.10; 16,384 tokens of Qwen2-1.5B: A40 436 / 204, A100
     149 / 98, H100 91 / 31). The model counts neither L2 atomic throughput (the atomic kernel issues
     one fp32 atomic per 256 FLOPs, the two-kernel one accumulator load + store per 2,048) nor
-    tails: time both with LogprobParams.bwd_kernel on the first GPU."""
+    tails: time both with LogprobParams.bwd_kernel, or the FASTGRPO_LOGPROB_BWD environment variable
+    that `make gpu-check` sets, on the first GPU."""
+    requested = requested or os.environ.get("FASTGRPO_LOGPROB_BWD") or None
     if requested is not None:
         if requested not in BACKWARD_KERNELS:
             raise ValueError(f"unknown backward kernel {requested!r}; valid: {', '.join(BACKWARD_KERNELS)}")

@@ -230,3 +230,18 @@ def test_adamw8bit_follows_torch_adamw():
     assert (big8 - big).abs().max() < 5e-3
     assert (small8 - small).abs().max() < 1e-5  # fp32 states: the same arithmetic
     assert (big_no_decay - big).abs().max() > 5e-3
+
+
+def test_backward_form_can_be_forced_for_gpu_check(monkeypatch):
+    """`make gpu-check` times both Triton backward forms by setting FASTGRPO_LOGPROB_BWD."""
+    from fastgrpo.kernels.logprob_triton import choose_backward_kernel
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("FASTGRPO_LOGPROB_BWD", raising=False)
+    assert choose_backward_kernel(16, 8, 32, torch.bfloat16, cpu) == "two-kernel"
+    monkeypatch.setenv("FASTGRPO_LOGPROB_BWD", "atomic")
+    assert choose_backward_kernel(16, 8, 32, torch.bfloat16, cpu) == "atomic"
+    assert choose_backward_kernel(16, 8, 32, torch.bfloat16, cpu, requested="two-kernel") == "two-kernel"
+    monkeypatch.setenv("FASTGRPO_LOGPROB_BWD", "tiled")
+    with pytest.raises(ValueError, match="unknown backward kernel 'tiled'; valid: two-kernel, atomic"):
+        choose_backward_kernel(16, 8, 32, torch.bfloat16, cpu)
