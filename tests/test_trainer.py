@@ -127,7 +127,8 @@ def test_eval_command_on_a_real_eval_file(tiny_model_dir, tmp_path, capsys):
     amc = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "eval" / "amc23.jsonl"
     out = tmp_path / "results.json"
     rc = main(["eval", "--model", str(tiny_model_dir), "--data", str(amc), "--limit", "3", "--samples", "2",
-               "--max-tokens", "8", "--engine", "transformers", "--output", str(out)])
+               "--max-tokens", "8", "--engine", "transformers", "--output", str(out),
+               "--output-dir", str(tmp_path / "eval")])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "amc23: n=3 k=2 pass@1=" in printed and "pass@2=" in printed
