@@ -4,7 +4,7 @@ decoder + fused loss), backward, AdamW, weight sync, on the tiny random model (o
 
     pytest benchmarks/bench_step.py --benchmark-only
 
-The step is fastgrpo.trainer.train's loop body (collect_groups -> group_advantages -> grpo_update ->
+The step is fastgrpo.trainer.train's loop body (collect_groups -> to_rollout (advantages) -> grpo_update ->
 sync_weights) with the transformers engine over the fp32 policy (no engine start, no weight copy),
 timed by the same PhaseTimer and RSS probe as ``fastgrpo profile``. Each round is one step (the
 weights move between rounds, as in training); extra_info holds per phase the median seconds and the
@@ -24,14 +24,13 @@ from bench_rollout import _tiny_model
 
 from fastgrpo.config import load_config
 from fastgrpo.data import build_messages, encode_prompt
-from fastgrpo.loss import group_advantages
 from fastgrpo.mixture import load_training_data, make_sampler
 from fastgrpo.model import load_policy, load_tokenizer
 from fastgrpo.optim import build_optimizer
 from fastgrpo.phases import PHASES, PhaseTimer
 from fastgrpo.profile import RssPeakProbe
 from fastgrpo.rollout import TransformersEngine
-from fastgrpo.trainer import Rollout, collect_groups, grpo_update
+from fastgrpo.trainer import collect_groups, grpo_update
 
 PROMPTS, SAMPLES, MAX_TOKENS, ROUNDS = 4, 8, 32, 3
 
@@ -64,11 +63,7 @@ def test_one_grpo_step(benchmark, model_dir):
     def step() -> None:
         started = time.perf_counter()
         batch = collect_groups(engine, sampler, encode, cfg, len(rounds) + 1, MAX_TOKENS, timer)
-        samples = batch.samples
-        rewards = torch.tensor(batch.rewards, dtype=torch.float32)
-        rollout = Rollout(batch.prompts, [s.prompt_index for s in samples], [s.token_ids for s in samples],
-                          [s.logprobs for s in samples], group_advantages(rewards, SAMPLES, cfg.loss.scale_rewards),
-                          [s.finish_reason == "length" for s in samples])
+        rollout = batch.to_rollout(cfg)
         grpo_update(policy, None, optimizer, rollout, cfg, device, timer, MAX_TOKENS)
         with timer.phase("sync"):
             engine.sync_weights(policy)

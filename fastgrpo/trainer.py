@@ -110,6 +110,14 @@ class StepBatch:
     per_reward: dict[str, list[float]]
     stats: dict[str, float]
 
+    def to_rollout(self, cfg: Config) -> Rollout:
+        """The trainer's view: token ids, sampler log-probs and one group-relative advantage each."""
+        rewards = torch.tensor(self.rewards, dtype=torch.float32)
+        s = self.samples
+        return Rollout(self.prompts, [c.prompt_index for c in s], [c.token_ids for c in s], [c.logprobs for c in s],
+                       group_advantages(rewards, cfg.rollout.num_generations, cfg.loss.scale_rewards),
+                       [c.finish_reason == "length" for c in s])
+
 
 def collect_groups(engine, sampler, encode, cfg: Config, step: int, max_tokens: int, timer: PhaseTimer) -> StepBatch:
     """Sample and reward ``rollout.prompts_per_step`` groups of G completions.
@@ -262,10 +270,7 @@ def train(cfg: Config, resume: bool = False, timer: PhaseTimer | None = None) ->
             samples = batch.samples
             # 3. group-relative advantage, one value per completion
             reward_t = torch.tensor(batch.rewards, dtype=torch.float32)
-            rollout = Rollout(batch.prompts, [s.prompt_index for s in samples], [s.token_ids for s in samples],
-                              [s.logprobs for s in samples],
-                              group_advantages(reward_t, cfg.rollout.num_generations, cfg.loss.scale_rewards),
-                              [s.finish_reason == "length" for s in samples])
+            rollout = batch.to_rollout(cfg)
 
             # 4.-6. pack, log-probs, loss, optimizer step(s)
             engine.sleep()

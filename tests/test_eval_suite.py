@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from fastgrpo.config import load_config
 from fastgrpo.eval_suite import (DEFAULT_SUITE, PRESETS, EvalSettings, eval_settings, load_suite, markdown_table,
                                  parse_suite, run_suite, suite_metrics, write_report)
 from fastgrpo.metrics import read_metrics
+from test_eval import _CharTokenizer, _Output  # noqa: E402  (the same test doubles as evaluate()'s tests)
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
@@ -65,19 +65,6 @@ def test_presets_and_explicit_settings():
 # ----------------------------------------------------------------------------------------------
 # Running and writing, with test doubles for the engine and tokenizer interfaces
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Output:
-    prompt_index: int
-    text: str
-    token_ids: list[int]
-
-
-class _CharTokenizer:
-    def apply_chat_template(self, messages, add_generation_prompt, tokenize):
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
-        return {"input_ids": [ord(ch) for ch in text]}
 
 
 class _ScriptedEngine:
