@@ -60,7 +60,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from fastgrpo.eval_suite import eval_settings, load_suite, longest_prompt_tokens, markdown_table, run_suite, write_report
+    from fastgrpo.eval_suite import eval_settings, load_suite, markdown_table, run_suite, write_report
+    from fastgrpo.preflight import longest_prompt
     from fastgrpo.mixture import default_data_dir
     from fastgrpo.model import load_tokenizer, resolve_model_path
     from fastgrpo.rollout import make_engine
@@ -78,8 +79,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model_dir = resolve_model_path(args.model)
     tokenizer = load_tokenizer(model_dir)
     # The engine's context holds the longest prompt plus a full-length completion.
-    max_model_len = args.max_model_len or longest_prompt_tokens(tokenizer, sets, settings.template,
-                                                                settings.one_shot) + settings.max_tokens
+    suite_problems = [p for s in sets for p in s.problems]
+    max_model_len = args.max_model_len or longest_prompt(tokenizer, suite_problems, settings.template,
+                                                         settings.one_shot)[0] + settings.max_tokens
     options = {} if args.cpu_kvcache_gb is None else {"cpu_kvcache_gb": args.cpu_kvcache_gb}
     engine = make_engine(args.engine, model_path=str(model_dir), tokenizer=tokenizer, dtype=args.dtype,
                          max_model_len=max_model_len, seed=settings.seed, **options)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastgrpo.data import PROMPT_TEMPLATES, build_messages, encode_prompt, load_problems
+from fastgrpo.data import PROMPT_TEMPLATES, load_problems
 from fastgrpo.eval import evaluate
 from fastgrpo.mixture import dataset_label, resolve_dataset
 from fastgrpo.rewards import extract_boxed
@@ -119,12 +119,6 @@ def load_suite(entries: str | Sequence[str], data_dir: str | os.PathLike, limit:
         path = resolve_dataset(name, data_dir, "eval")
         sets.append(SuiteSet(label, path, load_problems(path)[:limit]))
     return sets
-
-
-def longest_prompt_tokens(tokenizer, sets: Sequence[SuiteSet], template: str, one_shot: bool) -> int:
-    """The longest chat prompt of the suite in tokens (to size an engine's context)."""
-    return max(len(encode_prompt(tokenizer, build_messages(p["problem"], template, one_shot)))
-               for s in sets for p in s.problems)
 
 
 # ----------------------------------------------------------------------------------------------

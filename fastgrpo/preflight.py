@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -31,6 +31,9 @@ class RunShape:
 
     longest_prompt: int | None  # tokens of the longest chat prompt over train, held-out and suite problems
     model_max_length: int | None  # the model's longest sequence; None when its config names none
+    # The problems as mixture.load_training_data returned them: the trainer uses these, not a second read.
+    train_problems: list[dict] = field(default_factory=list, repr=False)
+    held_out_problems: list[dict] = field(default_factory=list, repr=False)
 
 
 def check_run(cfg: Config) -> RunShape:
@@ -45,7 +48,7 @@ def check_run(cfg: Config) -> RunShape:
     folder, max_len = _check_model(cfg)
     problems = _check_data(cfg)
     if folder is None:
-        return RunShape(None, max_len)
+        return RunShape(None, max_len, problems["train"], problems["held_out"])
     from fastgrpo.model import load_tokenizer
 
     try:
@@ -56,7 +59,7 @@ def check_run(cfg: Config) -> RunShape:
     any_prompt, any_id = max((longest_prompt(tokenizer, p, cfg.data.template, cfg.data.one_shot) for p in problems.values()),
                              key=lambda x: x[0])
     _check_lengths(cfg, folder, max_len, (train_prompt, train_id), (any_prompt, any_id))
-    return RunShape(any_prompt, max_len)
+    return RunShape(any_prompt, max_len, problems["train"], problems["held_out"])
 
 
 def _check_model(cfg: Config) -> tuple[Path | None, int | None]:

@@ -49,7 +49,7 @@ from fastgrpo.grader import shared_grader
 from fastgrpo.kernels import fused_grpo_loss
 from fastgrpo.loss import group_advantages
 from fastgrpo.metrics import MetricsLogger, roll_back_metrics
-from fastgrpo.mixture import load_training_data, make_sampler
+from fastgrpo.mixture import make_sampler
 from fastgrpo.model import (apply_liger_patches, lm_head_weight, load_policy, load_reference, load_tokenizer,
                             packed_hidden_states, packed_token_logprobs, resolve_model_path)
 from fastgrpo.optim import build_optimizer, build_scheduler
@@ -194,7 +194,7 @@ def train(cfg: Config, resume: bool = False, timer: PhaseTimer | None = None) ->
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    train_problems, eval_problems = load_training_data(cfg.data, seed=cfg.train.seed)
+    train_problems, eval_problems = shape.train_problems, shape.held_out_problems  # read once, by preflight
     # Benchmarks evaluated with the held-out split: loaded now so that a bad name fails before any model loads.
     suite = load_suite(cfg.eval.suite, cfg.data.data_dir, limit=cfg.eval.suite_limit) if cfg.eval.suite else []
     device = pick_device()
