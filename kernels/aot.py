@@ -3,8 +3,9 @@ read its registers, spills and shared memory (kernel times are predicted in roof
 
     from fastgrpo.kernels.aot import iter_kernel_variants, compile_kernel, occupancy, TARGETS
     for v in iter_kernel_variants():
-        info = compile_kernel(v.name, v.config, v.dtype, 86)   # CompiledInfo; raises on a compile error
-        occupancy(info, TARGETS[86])                            # Occupancy(blocks, warps per SM, limiter)
+        for spec in v.specializations:                       # "aligned", "odd_vocab", ...
+            info = compile_kernel(v.name, v.config, v.dtype, 86, spec)  # raises on a compile error
+            occupancy(info, TARGETS[86])                    # Occupancy(blocks, warps per SM, limiter)
 
 A tool for tests, `profiling/kernel_report.py` and the benchmarks: no training code path imports it,
 and it imports Triton's compiler only when it compiles.
@@ -34,6 +35,18 @@ KERNEL_MODULES = ("logprob", "grpo_loss")
 DTYPES = ("bf16", "fp16", "fp32")
 # Keys of a config that are Triton compile options, not constexprs (maxnreg caps registers per thread).
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")
+# What Triton's JIT can assume about a launch's arguments: it compiles one kernel per pattern of
+# pointers at 16-byte aligned addresses and specialized ints that are multiples of 16. The patterns
+# checked here, which of them a variant is built with (KernelVariant.specializations), and what
+# each marks divisible:
+SPECIALIZATIONS = {
+    "aligned": "every pointer and every specialized int (every model the recipes name: H 576 / 896 / "
+               "1,536, V 49,152 / 151,936)",
+    "odd_vocab": "every pointer and int but V (GPT-2: V 50,257 with H 768)",
+    "odd_sizes": "the pointers only (H not a multiple of 16)",
+    "unaligned": "nothing (inputs sliced at odd offsets as well)",
+}
+UNALIGNED_SPECIALIZATIONS = ("odd_vocab", "odd_sizes", "unaligned")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -77,19 +90,30 @@ TARGETS: dict[int, TargetSpec] = {
 class KernelVariant:
     """One compilation the dispatcher can ask for. name: "logprob_fwd", "grpo_loss_bwd", ...;
     dtype: element type of the kernel's tensor inputs ("bf16"/"fp16"/"fp32"); config: the constexprs
-    (tile sizes and flags) plus "num_warps" and, when the launcher sets it, "num_stages"."""
+    (tile sizes and flags) plus "num_warps" and, when the launcher sets it, "num_stages"; aligned:
+    True when the launcher uses this config only for launches the JIT specializes as aligned, False
+    only for the others, None for every launch."""
 
     name: str
     dtype: str
     config_items: tuple
+    aligned: bool | None = None
 
     @property
     def config(self) -> dict:
         return dict(self.config_items)
 
     @property
+    def specializations(self) -> tuple[str, ...]:
+        """The SPECIALIZATIONS this variant is compiled and checked with."""
+        if self.aligned is None:
+            return tuple(SPECIALIZATIONS)
+        return ("aligned",) if self.aligned else UNALIGNED_SPECIALIZATIONS
+
+    @property
     def label(self) -> str:
-        return f"{self.name}[{self.dtype} {config_label(self.config)}]"
+        scope = {True: "", False: " for-unaligned", None: ""}[self.aligned]
+        return f"{self.name}[{self.dtype} {config_label(self.config)}{scope}]"
 
 
 def config_label(config: Mapping) -> str:
@@ -121,8 +145,9 @@ def _kernel_name(jit_fn) -> str:
 def iter_kernel_variants() -> Iterator[KernelVariant]:
     """Every (kernel, dtype, config) of KERNEL_MODULES' triton_configs(), in a stable order.
 
-    logprob entries carry {"kernel_name", "dtypes", "config": TritonConfig, "flags": [dict, ...]};
-    grpo_loss entries a complete {"kernel", "signature", "constexprs", "num_warps"} (fp32 pointers).
+    logprob entries carry {"kernel_name", "dtypes", "config": TritonConfig, "flags": [dict, ...],
+    "aligned"}; grpo_loss entries a complete {"kernel", "signature", "constexprs", "num_warps"} (fp32
+    pointers; one config for every launch).
     """
     for module_name in KERNEL_MODULES:
         for entry in _kernel_module(module_name).triton_configs():
@@ -134,7 +159,7 @@ def iter_kernel_variants() -> Iterator[KernelVariant]:
                     for flags in entry["flags"]:
                         config = {**tiles, **flags, **launch}
                         yield KernelVariant(f"{module_name}_{entry['kernel_name']}", _dtype_name(dtype),
-                                            tuple(config.items()))
+                                            tuple(config.items()), entry["aligned"])
             else:
                 config = {**entry["constexprs"], "num_warps": entry["num_warps"]}
                 if "num_stages" in entry:
@@ -188,7 +213,7 @@ class CompiledInfo:
     of spill stores per thread (ptxas "bytes spill stores" / 4; Triton's own n_spills, read from the
     driver, is local memory / 4); shared_bytes: Triton's dynamic shared memory + static (ptxas
     "bytes smem"); max_threads: threads per block the binary can be launched with (its .reqntid,
-    capped by the register file)."""
+    capped by the register file); specialization: what the compilation assumed of the arguments."""
 
     name: str
     cc: int
@@ -202,6 +227,7 @@ class CompiledInfo:
     spill_load_bytes: int
     stack_bytes: int
     same_binary: bool  # the introspected cubin is byte-identical to the one Triton built
+    specialization: str = "aligned"  # a SPECIALIZATIONS key
 
 
 _PTXAS_PATTERNS = {
@@ -238,39 +264,48 @@ def _ptxas_resources(ptx: str, cc: int) -> tuple[dict[str, int], bytes]:
         return parse_ptxas_log(proc.stdout + proc.stderr), out.read_bytes()
 
 
-def compile_kernel(name: str, config: Mapping, dtype: str, target_cc: int, aligned: bool = True) -> CompiledInfo:
+def compile_kernel(name: str, config: Mapping, dtype: str, target_cc: int,
+                   specialization: str = "aligned") -> CompiledInfo:
     """Compile kernel `name` with `config` (constexprs + num_warps [+ num_stages]) for sm_<target_cc>
     and return its resources. Raises Triton's CompilationError / PTXASError on a compile error.
 
-    aligned=True compiles what the JIT builds for real models: every pointer 16-byte aligned and
-    every specialized int argument (H, V) a multiple of 16 (576, 1536, 49,152 and 151,936 are);
-    aligned=False the variant for odd sizes. Results are memoized per process; Triton's own cache
-    (TRITON_CACHE_DIR) makes a second process fast too.
+    specialization (a SPECIALIZATIONS key) is what the JIT would know of the arguments: "aligned",
+    what it builds for real models, marks every pointer 16-byte aligned and every specialized int
+    argument a multiple of 16; the others mark less. Results are memoized per process; Triton's own
+    cache (TRITON_CACHE_DIR) makes a second process fast too.
     """
     if target_cc not in TARGETS:
         raise ValueError(f"target_cc must be one of {sorted(TARGETS)}, got {target_cc!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if specialization not in SPECIALIZATIONS:
+        raise ValueError(f"specialization must be one of {tuple(SPECIALIZATIONS)}, got {specialization!r}")
     if "num_warps" not in config:
         raise ValueError(f"config must hold num_warps, got keys {sorted(config)}")
-    return _compile_cached(name, tuple(config.items()), dtype, target_cc, aligned)
+    return _compile_cached(name, tuple(config.items()), dtype, target_cc, specialization)
+
+
+def _divisible_args(kernel, signature: Mapping, specialization: str) -> list[str]:
+    """The arguments that `specialization` marks divisible by 16, as the JIT would: 16-byte aligned
+    pointers, specialized i32 arguments that are multiples of 16 (never those in do_not_specialize)."""
+    skip = set(getattr(kernel, "do_not_specialize", ()))
+    pointers = [a for a, ty in signature.items() if ty.startswith("*")]
+    ints = [a for a, ty in signature.items()
+            if ty == "i32" and a not in skip and kernel.arg_names.index(a) not in skip]
+    return {"aligned": pointers + ints, "odd_vocab": pointers + [a for a in ints if a != "V"],
+            "odd_sizes": pointers, "unaligned": []}[specialization]
 
 
 @functools.lru_cache(maxsize=None)
-def _compile_cached(name: str, config_items: tuple, dtype: str, cc: int, aligned: bool) -> CompiledInfo:
+def _compile_cached(name: str, config_items: tuple, dtype: str, cc: int, specialization: str) -> CompiledInfo:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     config = dict(config_items)
     kernel, signature, constexprs = _source(name, config, dtype)
-    attrs = {}
-    if aligned:  # what the JIT's specialization adds for aligned pointers and ints % 16 == 0
-        skip = set(getattr(kernel, "do_not_specialize", ()))
-        for arg, ty in signature.items():
-            i = kernel.arg_names.index(arg)
-            if ty.startswith("*") or (ty == "i32" and arg not in skip and i not in skip):
-                attrs[(i,)] = [["tt.divisibility", 16]]
+    attrs = {(kernel.arg_names.index(arg),): [["tt.divisibility", 16]]
+             for arg in _divisible_args(kernel, signature, specialization)}
     options = {k: config[k] for k in LAUNCH_OPTIONS if k in config}
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
                               target=GPUTarget("cuda", cc, 32), options=options)
@@ -279,7 +314,8 @@ def _compile_cached(name: str, config_items: tuple, dtype: str, cc: int, aligned
     spec = TARGETS[cc]
     regs_per_warp = _round_up(max(res["n_regs"], 1) * 32, spec.reg_alloc_unit)
     max_threads = min(num_warps * 32, spec.max_threads_per_block, 32 * (spec.regs_per_sm // regs_per_warp))
-    return CompiledInfo(name=name, cc=cc, dtype=dtype, config=config, n_regs=res["n_regs"],
+    return CompiledInfo(name=name, cc=cc, dtype=dtype, config=config, specialization=specialization,
+                        n_regs=res["n_regs"],
                         n_spills=math.ceil(res["spill_store_bytes"] / 4),
                         shared_bytes=compiled.metadata.shared + res["static_smem"], max_threads=max_threads,
                         num_warps=num_warps, spill_load_bytes=res["spill_load_bytes"],
@@ -318,29 +354,30 @@ class CompileFailure(RuntimeError):
 def _compile_job(job: tuple) -> CompiledInfo | CompileFailure:
     import warnings
 
-    variant, cc, aligned = job
+    variant, specialization, cc = job
     try:
         with warnings.catch_warnings():  # Triton 3.9's notice about its FP-fusion default, once per worker
             warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
-            return compile_kernel(variant.name, variant.config, variant.dtype, cc, aligned)
+            return compile_kernel(variant.name, variant.config, variant.dtype, cc, specialization)
     except Exception as exc:  # noqa: BLE001 - every compile error becomes a reportable result
-        return CompileFailure(f"{variant.label} for sm_{cc}: {type(exc).__name__}: {exc}")
+        return CompileFailure(f"{variant.label} ({specialization}) for sm_{cc}: {type(exc).__name__}: {exc}")
 
 
-def compile_many(variants, target_ccs=tuple(TARGETS), aligned: bool = True,
-                 workers: int | None = None) -> dict[tuple[KernelVariant, int], CompiledInfo | CompileFailure]:
-    """Compile every (variant, target) in `workers` processes (default: one per CPU core) ->
-    {(variant, cc): CompiledInfo, or CompileFailure holding the error text}.
+def compile_many(variants, target_ccs=tuple(TARGETS), specializations: tuple[str, ...] | None = None,
+                 workers: int | None = None) -> dict[tuple[KernelVariant, str, int], CompiledInfo | CompileFailure]:
+    """Compile every (variant, specialization, target) in `workers` processes (default: one per CPU
+    core) -> {(variant, specialization, cc): CompiledInfo, or CompileFailure holding the error text}.
+    specializations: those of each variant's own `specializations` to build (None: all of them).
 
-    72 compilations (24 variants x 3 targets) took 107 s in one process on a 2-core machine that
-    other jobs shared (0.2-5.5 s each); 108 (36 x 3) took 327 s in 2 worker processes there under a
-    load average of 6-9 (tests/kernels/test_compile.py, whole file).
+    The 432 of tests/kernels/test_compile.py (144 variant x specialization pairs x 3 targets) took
+    147 s in 2 worker processes on an otherwise idle 2-core machine (0.1-5.5 s each).
     """
     import concurrent.futures
     import multiprocessing
     import os
 
-    jobs = [(v, cc, aligned) for v in variants for cc in target_ccs]
+    jobs = [(v, spec, cc) for v in variants for spec in v.specializations
+            if specializations is None or spec in specializations for cc in target_ccs]
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
     if workers == 1:
         results = [_compile_job(job) for job in jobs]
@@ -348,7 +385,7 @@ def compile_many(variants, target_ccs=tuple(TARGETS), aligned: bool = True,
         ctx = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
             results = list(pool.map(_compile_job, jobs, chunksize=1))
-    return {(v, cc): result for (v, cc, _), result in zip(jobs, results)}
+    return dict(zip(jobs, results))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -51,8 +51,13 @@ class TritonConfig:
 
 
 # Defaults (not tuned on a GPU: none was available). No autotuning: a caller opts into other tiles
-# through LogprobParams.fwd_config / bwd_config. Every tile compiles for sm_80/86/90 with no register
-# spill and within sm_86's 99 KB of shared memory per block (tests/kernels/test_compile.py).
+# through LogprobParams.fwd_config / bwd_config. Two tables: _DEFAULT_CONFIGS for launches that
+# Triton's JIT specializes as aligned (every pointer 16-byte aligned, H and V multiples of 16: every
+# model the recipes name), _UNALIGNED_CONFIGS for all others (odd vocabularies such as GPT-2's
+# 50,257, odd H, sliced inputs); see is_aligned_launch. Every tile compiles for sm_80/86/90 with no
+# register spill and within sm_86's 99 KB of shared memory per block, the aligned ones as aligned,
+# the unaligned ones with nothing aligned, with only V odd, and with only the pointers aligned
+# (tests/kernels/test_compile.py).
 # fwd: 64x128 logit tiles with 64-wide H steps (16-bit; the fp32 forward spills at 64, not at 32;
 # the 16-bit one spills at BLOCK_H=32 on sm_86 and not at 64).
 # bwd_hidden / bwd_weight: each owns few rows (32 tokens / 32 vocabulary rows) and loops over the
@@ -64,7 +69,7 @@ class TritonConfig:
 # thread, steps of one 512-wide tile spilled up to 148 bytes, and 16 owned rows would double the L2
 # reads of the streamed operand tiles per FLOP. fp32 (not a GPU training dtype here) takes smaller
 # steps: 2x128-wide bwd_hidden steps spilled 16 bytes on sm_90, 2x128-token bwd_weight steps 32 on
-# sm_86. Unaligned sizes (H not a multiple of 16) spill in the 16-bit variants (slow test tier).
+# sm_86.
 # bwd_atomic: the tiles of the one-kernel backward (BLOCK_H=64 spilled up to 1.3 KB/thread in its
 # weight-gradient variant; the fp32 one at BLOCK_V=128 spilled 2.5 KB/thread).
 _DEFAULT_CONFIGS = {
@@ -77,6 +82,25 @@ _DEFAULT_CONFIGS = {
     ("bwd_atomic", 2): TritonConfig(block_n=64, block_v=128, block_h=32, num_warps=8, num_stages=2),
     ("bwd_atomic", 4): TritonConfig(block_n=64, block_v=64, block_h=32, num_warps=8, num_stages=2),
 }
+# Without alignment the loads of hidden / weight rows are not vectorized and every element needs
+# its own address and mask registers: the aligned tiles above then spilled in 47 of 90 compilations
+# with nothing aligned (28 bytes to 2.4 KB per thread; worst: the fp32 bwd_weight, and the 16-bit
+# two-kernel backward on sm_80 at 1.1-1.3 KB). These tiles compile without a spill with nothing
+# aligned, with only V odd and with only the pointers aligned, at 102-255 registers. Halving BLOCK_H
+# or a row axis was not always enough: ptxas sometimes settles at 80 or 128 registers and spills
+# 4-40 bytes (e.g. 16-bit bwd_hidden 32x128x32 on sm_90 with only V odd; the fp32 forward at 2-3
+# pipeline stages), so these are the candidates that passed all 3 x 3 (specialization, target)
+# compilations; the 16-bit bwd_atomic tile passed as it is.
+_UNALIGNED_CONFIGS = {
+    ("fwd", 2): TritonConfig(block_n=64, block_v=128, block_h=32, num_warps=8, num_stages=2),
+    ("fwd", 4): TritonConfig(block_n=64, block_v=64, block_h=16, num_warps=8, num_stages=1),
+    ("bwd_hidden", 2): TritonConfig(block_n=32, block_v=128, block_h=16, num_warps=8, num_stages=1),
+    ("bwd_hidden", 4): TritonConfig(block_n=32, block_v=32, block_h=16, num_warps=8, num_stages=1),
+    ("bwd_weight", 2): TritonConfig(block_n=128, block_v=32, block_h=32, num_warps=8, num_stages=1),
+    ("bwd_weight", 4): TritonConfig(block_n=32, block_v=32, block_h=16, num_warps=8, num_stages=1),
+    ("bwd_atomic", 2): TritonConfig(block_n=64, block_v=128, block_h=32, num_warps=8, num_stages=2),
+    ("bwd_atomic", 4): TritonConfig(block_n=64, block_v=64, block_h=16, num_warps=8, num_stages=2),
+}
 KERNEL_NAMES = ("fwd", "bwd_hidden", "bwd_weight", "bwd_atomic")
 BACKWARD_KERNELS = ("two-kernel", "atomic")
 # Programs per SM: the forward and bwd_hidden split the vocabulary until this many programs exist
@@ -86,26 +110,36 @@ _SPLIT_PROGRAMS_PER_SM = 4
 _PERSISTENT_PROGRAMS_PER_SM = 1
 
 
-def default_config_for_itemsize(kernel_name: str, itemsize: int) -> TritonConfig:
-    """The tiles the launchers use for `kernel_name` (one of KERNEL_NAMES) and inputs of `itemsize`
-    bytes (2: fp16/bf16, 4: fp32)."""
+def default_config_for_itemsize(kernel_name: str, itemsize: int, aligned: bool = True) -> TritonConfig:
+    """The tiles the launchers use for `kernel_name` (one of KERNEL_NAMES), inputs of `itemsize`
+    bytes (2: fp16/bf16, 4: fp32) and a launch that is_aligned_launch (or not)."""
     if kernel_name not in KERNEL_NAMES:
         raise ValueError(f"unknown kernel {kernel_name!r}; valid: {', '.join(KERNEL_NAMES)}")
     if itemsize not in (2, 4):
         raise ValueError(f"itemsize must be 2 (fp16/bf16) or 4 (fp32), got {itemsize!r}")
-    return _DEFAULT_CONFIGS[(kernel_name, itemsize)]
+    return (_DEFAULT_CONFIGS if aligned else _UNALIGNED_CONFIGS)[(kernel_name, itemsize)]
 
 
-def default_config(kernel_name: str, dtype: torch.dtype) -> TritonConfig:
-    """The tiles the launchers use for `kernel_name` and inputs of `dtype`."""
-    return default_config_for_itemsize(kernel_name, 4 if dtype == torch.float32 else 2)
+def default_config(kernel_name: str, dtype: torch.dtype, aligned: bool = True) -> TritonConfig:
+    """The tiles the launchers use for `kernel_name`, inputs of `dtype` and an aligned launch or not."""
+    return default_config_for_itemsize(kernel_name, 4 if dtype == torch.float32 else 2, aligned)
+
+
+def is_aligned_launch(tensors, sizes) -> bool:
+    """Whether Triton's JIT builds the fully aligned specialization for a launch with these tensor
+    arguments and specialized int arguments: it marks a pointer divisible when its address is a
+    multiple of 16 bytes and an int when it is a multiple of 16; any other launch gets a separately
+    compiled, less vectorized kernel, which takes _UNALIGNED_CONFIGS. (Outputs and workspaces come
+    from torch's allocator, whose blocks are 512-byte aligned, so the inputs decide.)"""
+    return all(t.data_ptr() % 16 == 0 for t in tensors) and all(size % 16 == 0 for size in sizes)
 
 
 def triton_configs() -> list[dict]:
     """Every Triton launch the dispatcher can choose, for ahead-of-time compilation.
 
     Returns dicts {"kernel": the jit function (None without Triton), "kernel_name", "dtypes": input
-    dtypes using it, "config": TritonConfig, "flags": list of constexpr flag dicts, one per variant}.
+    dtypes using it, "config": TritonConfig, "flags": list of constexpr flag dicts, one per variant,
+    "aligned": whether the launchers use it for aligned launches only or for all others}.
     Kernel arguments, in order (pointers to contiguous tensors; sizes are i32 runtime values, never
     constexpr; N is not even specialized, so a new token count never recompiles):
       fwd:        hidden *T [N, H], weight *T [V, H], targets *i64 [N], partials *fp32 [4, S, N],
@@ -121,13 +155,14 @@ def triton_configs() -> list[dict]:
     triton_signature() builds the ASTSource arguments.
     """
     out = []
-    for (kernel_name, itemsize), cfg in _DEFAULT_CONFIGS.items():
-        dtypes = [d for d in TRITON_DTYPES if torch.empty((), dtype=d).element_size() == itemsize]
-        flags = [{"HAS_ENTROPY": e} for e in (False, True)]
-        if kernel_name == "bwd_atomic":
-            flags = [{**f, "COMPUTE_DWEIGHT": w} for f in flags for w in (False, True)]
-        out.append({"kernel": _KERNELS.get(kernel_name), "kernel_name": kernel_name, "dtypes": dtypes,
-                    "config": cfg, "flags": flags})
+    for aligned, configs in ((True, _DEFAULT_CONFIGS), (False, _UNALIGNED_CONFIGS)):
+        for (kernel_name, itemsize), cfg in configs.items():
+            dtypes = [d for d in TRITON_DTYPES if torch.empty((), dtype=d).element_size() == itemsize]
+            flags = [{"HAS_ENTROPY": e} for e in (False, True)]
+            if kernel_name == "bwd_atomic":
+                flags = [{**f, "COMPUTE_DWEIGHT": w} for f in flags for w in (False, True)]
+            out.append({"kernel": _KERNELS.get(kernel_name), "kernel_name": kernel_name, "dtypes": dtypes,
+                        "config": cfg, "flags": flags, "aligned": aligned})
     return out
 
 
@@ -421,7 +456,8 @@ def logprob_forward(hidden, weight, targets, params):
     if N == 0:
         return empty, empty, (empty if params.return_entropy else None)
     hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
-    cfg = params.fwd_config or default_config("fwd", hidden.dtype)
+    aligned = is_aligned_launch((hidden, weight, targets), (H, V))
+    cfg = params.fwd_config or default_config("fwd", hidden.dtype, aligned)
     n_blocks = _cdiv(N, cfg.block_n)
     splits, v_per_split = _vocab_splits(n_blocks, V, cfg.block_v, params.fwd_splits, hidden.device)
     partials = torch.empty(4, splits, N, device=hidden.device, dtype=torch.float32)
@@ -487,10 +523,11 @@ def logprob_backward(hidden, weight, targets, lse, entropy, grad_logp, grad_entr
                  grad_entropy.contiguous() if has_entropy else grad_logp)
     kernel = choose_backward_kernel(N, H, V, hidden.dtype, hidden.device, params.bwd_kernel)
     backward = _backward_atomic if kernel == "atomic" else _backward_two_kernel
-    return backward(hidden, weight, targets, row_terms, has_entropy, params, needs_weight_grad)
+    aligned = is_aligned_launch((hidden, weight, targets, *row_terms), (H, V))
+    return backward(hidden, weight, targets, row_terms, has_entropy, params, needs_weight_grad, aligned)
 
 
-def _backward_two_kernel(hidden, weight, targets, row_terms, has_entropy, params, needs_weight_grad):
+def _backward_two_kernel(hidden, weight, targets, row_terms, has_entropy, params, needs_weight_grad, aligned):
     """bwd_hidden, then bwd_weight. Extra memory: fp32 partials [splits, N, H] for grad_hidden (splits
     > 1 only while N is below ~_SPLIT_PROGRAMS_PER_SM x SMs x BLOCK_N tokens, so at most ~(that + N)
     x H x 4 bytes: 0.1 GB on an H100 at H=1,536) and an fp32 workspace [P, BLOCK_V, H] for
@@ -498,7 +535,7 @@ def _backward_two_kernel(hidden, weight, targets, row_terms, has_entropy, params
     N, H = hidden.shape
     V = weight.shape[0]
     inv_temperature = 1.0 / params.temperature
-    cfg = params.bwd_config or default_config("bwd_hidden", hidden.dtype)
+    cfg = params.bwd_config or default_config("bwd_hidden", hidden.dtype, aligned)
     n_blocks = _cdiv(N, cfg.block_n)
     # each split a whole number of the kernel's steps of two vocabulary tiles
     splits, v_per_split = _vocab_splits(n_blocks, V, 2 * cfg.block_v, params.bwd_splits, hidden.device)
@@ -512,7 +549,7 @@ def _backward_two_kernel(hidden, weight, targets, row_terms, has_entropy, params
     if not needs_weight_grad:
         return grad_hidden, None
 
-    cfg = params.bwd_config or default_config("bwd_weight", hidden.dtype)
+    cfg = params.bwd_config or default_config("bwd_weight", hidden.dtype, aligned)
     v_blocks = _cdiv(V, cfg.block_v)
     programs = params.bwd_weight_programs or _PERSISTENT_PROGRAMS_PER_SM * _sm_count(hidden.device)
     programs = min(max(1, programs), v_blocks)
@@ -525,12 +562,12 @@ def _backward_two_kernel(hidden, weight, targets, row_terms, has_entropy, params
     return grad_hidden, grad_weight
 
 
-def _backward_atomic(hidden, weight, targets, row_terms, has_entropy, params, needs_weight_grad):
+def _backward_atomic(hidden, weight, targets, row_terms, has_entropy, params, needs_weight_grad, aligned):
     """One kernel over (token block x vocab block) tiles. Extra memory: fp32 accumulators of N x H
     and V x H (atomics need fp32); the gradients' last bits vary from run to run."""
     N, H = hidden.shape
     V = weight.shape[0]
-    cfg = params.bwd_config or default_config("bwd_atomic", hidden.dtype)
+    cfg = params.bwd_config or default_config("bwd_atomic", hidden.dtype, aligned)
     grad_hidden = torch.zeros(N, H, device=hidden.device, dtype=torch.float32)
     grad_weight = torch.zeros(V, H, device=hidden.device, dtype=torch.float32) if needs_weight_grad else grad_hidden
     _logprob_bwd_atomic_kernel[(_cdiv(N, cfg.block_n), _cdiv(V, cfg.block_v))](

@@ -1,9 +1,10 @@
 """Resource and roofline report of the Triton kernels, made with no GPU.
 
-    python profiling/kernel_report.py [--markdown] [--no-compile] [--unaligned] [--terms]
+    python profiling/kernel_report.py [--markdown] [--no-compile] [--specialization NAME] [--terms]
 
 1. Resources: every kernel variant the dispatchers can launch, compiled ahead of time for sm_80
-   (A100), sm_86 (A40) and sm_90 (H100): registers per thread, spilled bytes, shared memory per
+   (A100), sm_86 (A40) and sm_90 (H100) with each argument specialization the JIT can build for it
+   (fastgrpo.kernels.aot.SPECIALIZATIONS): registers per thread, spilled bytes, shared memory per
    block, and the warps per SM that these allow (fastgrpo.kernels.aot.occupancy).
 2. Roofline: FLOPs and DRAM bytes of per-token log-probs, forward + backward, at the benchmark
    shapes, for the fused kernels (with each of the two Triton backwards, and the one the launcher
@@ -45,10 +46,12 @@ def _resource_cell(result) -> str:
     return cell + (" **!**" if aot.resource_problems(result) else "")
 
 
-def resource_table(results: dict, variants: list, markdown: bool) -> str:
-    headers = ["kernel", "dtype", "config"] + [TARGET_LABELS[cc] for cc in aot.TARGETS]
-    rows = [[v.name, v.dtype, aot.config_label(v.config)] + [_resource_cell(results[(v, cc)]) for cc in aot.TARGETS]
-            for v in variants]
+def resource_table(results: dict, markdown: bool) -> str:
+    """results: compile_many's {(variant, specialization, cc): CompiledInfo or failure}."""
+    headers = ["kernel", "dtype", "config", "specialization"] + [TARGET_LABELS[cc] for cc in aot.TARGETS]
+    cases = list(dict.fromkeys((v, spec) for v, spec, _ in results))
+    rows = [[v.name, v.dtype, aot.config_label(v.config), spec]
+            + [_resource_cell(results[(v, spec, cc)]) for cc in aot.TARGETS] for v, spec in cases]
     return render(headers, rows, markdown)
 
 
@@ -91,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--markdown", action="store_true", help="print markdown tables")
     parser.add_argument("--no-compile", action="store_true", help="skip the compilation: roofline only")
-    parser.add_argument("--unaligned", action="store_true",
-                        help="compile the variants for unaligned pointers / sizes (odd V) instead")
+    parser.add_argument("--specialization", choices=tuple(aot.SPECIALIZATIONS), default=None,
+                        help="only this argument specialization (default: each variant with every one it "
+                             "can be launched with)")
     parser.add_argument("--terms", action="store_true", help="also print every byte term of the roofline")
     parser.add_argument("--workers", type=int, default=None, help="compile processes (default: CPU cores)")
     args = parser.parse_args(argv)
@@ -103,15 +107,18 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_compile:
         variants = list(aot.iter_kernel_variants())
         start = time.perf_counter()
-        results = aot.compile_many(variants, aligned=not args.unaligned, workers=args.workers)
+        specializations = None if args.specialization is None else (args.specialization,)
+        results = aot.compile_many(variants, specializations=specializations, workers=args.workers)
         seconds = time.perf_counter() - start
         problems = sum(isinstance(r, Exception) or bool(aot.resource_problems(r)) for r in results.values())
-        kind = "unaligned pointers / sizes" if args.unaligned else "16-byte aligned pointers, H and V multiples of 16"
+        kinds = "; ".join(f"{name}: {what} divisible by 16" for name, what in aot.SPECIALIZATIONS.items()
+                          if specializations is None or name in specializations)
         sections.append(
-            f"Kernel resources ({kind}; compiled ahead of time in {seconds:.0f} s). Each cell: registers per thread / "
+            f"Kernel resources (specializations, {kinds}; compiled ahead of time in {seconds:.0f} s). "
+            f"Each cell: registers per thread / "
             f"spilled bytes per thread / shared memory KB per block / resident warps per SM "
             f"(max 64 on sm_80 and sm_90, 48 on sm_86); **!** marks spills or shared memory over the limit.\n\n"
-            + resource_table(results, variants, args.markdown))
+            + resource_table(results, args.markdown))
     sections.append(
         "Predicted, not measured: per-token log-probs forward + backward (bf16 inputs, grads of hidden and "
         "weight); each kernel max(FLOPs / peak bf16 dense, DRAM bytes / bandwidth), summed over the kernels. "

@@ -272,6 +272,44 @@ def test_backward_kernel_choice(monkeypatch):
     assert choose(2048, 576, 49152, torch.bfloat16, cuda) == "two-kernel"
 
 
+class _RecordingKernel:
+    """Stands in for a jit kernel: `kernel[grid](*args, **constexprs)` records the tiles."""
+
+    def __init__(self, name, launches):
+        self.name, self.launches = name, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((self.name, TritonConfig(kwargs["BLOCK_N"], kwargs["BLOCK_V"], kwargs["BLOCK_H"],
+                                                          kwargs["num_warps"], kwargs["num_stages"])))
+        return launch
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("h,v,aligned", [(64, 512, True), (64, 50257, False), (45, 512, False)])
+@pytest.mark.parametrize("backward", ["two-kernel", "atomic"])
+def test_launchers_pick_aligned_or_unaligned_tiles(monkeypatch, dtype, h, v, aligned, backward):
+    """The launchers take the tiles that tests/kernels/test_compile.py compiled for the kernel the JIT
+    builds: the aligned table only when H, V and every input address are multiples of 16."""
+    lpt = lp.logprob_triton
+    launches = []
+    for name in lpt.KERNEL_NAMES:
+        monkeypatch.setattr(lpt, f"_logprob_{name}_kernel", _RecordingKernel(name, launches))
+    hidden, weight, targets, grad_logp, _ = make_inputs(5, h, v, dtype, seed=0)
+    params = LogprobParams(1.0, False, impl="triton", bwd_kernel=backward)
+    _, lse, _ = lpt.logprob_forward(hidden, weight, targets, params)
+    lpt.logprob_backward(hidden, weight, targets, lse, None, grad_logp, None, params)
+    expected = ["fwd", "bwd_hidden", "bwd_weight"] if backward == "two-kernel" else ["fwd", "bwd_atomic"]
+    assert [name for name, _ in launches] == expected
+    for name, tiles in launches:
+        assert tiles == lpt.default_config(name, dtype, aligned), name
+    if aligned:  # an input at an address 2 or 4 bytes off 16 makes the same sizes unaligned
+        launches.clear()
+        offset_hidden = torch.empty(hidden.numel() + 1, dtype=dtype)[1:].view_as(hidden).copy_(hidden)
+        lpt.logprob_forward(offset_hidden, weight, targets, params)
+        assert launches == [("fwd", lpt.default_config("fwd", dtype, aligned=False))]
+
+
 # Small tiles so that every axis has several tiles and a partial one: N=67 -> 5 token blocks of 16,
 # V=300 -> 5 vocab tiles of 64, H=45 -> 3 steps of 16; `splits` vocab splits in the forward and in
 # bwd_hidden (2: columns 0-255 in two steps of two tiles, then 256-299, whose second tile lies past
@@ -286,7 +324,9 @@ TRITON_CASES = [  # (n, h, v, dtype name, temperature, entropy, tiles, splits, w
     (1, 45, 300, "float32", 0.7, True, "small", 3, True, "two-kernel"),
     (67, 45, 300, "float16", 1.0, True, "small", 1, False, "two-kernel"),
     (257, 123, 1001, "float32", 0.7, True, "large", 2, True, "two-kernel"),
-    (257, 123, 1001, "float16", 1.0, True, "default", None, True, "two-kernel"),
+    (257, 123, 1001, "float16", 1.0, True, "default", None, True, "two-kernel"),  # the unaligned tiles
+    (70, 64, 528, "float16", 0.7, True, "default", None, True, "two-kernel"),  # the aligned tiles
+    (70, 64, 528, "float32", 1.0, True, "default", None, True, "atomic"),
     (0, 45, 300, "float32", 1.0, True, "small", 2, True, "two-kernel"),
     (67, 45, 300, "float32", 0.7, True, "small", 2, True, "atomic"),
     (67, 45, 300, "float16", 1.0, False, "small", 2, True, "atomic"),
