@@ -1,7 +1,10 @@
-"""Prints the kernel benchmarks' table (bench_kernels.py) at the end of a run."""
+"""Prints the kernel benchmarks' table (bench_kernels.py) at the end of a run and, with no GPU, the
+roofline model's prediction for the same shapes on A40 / A100 / H100 (predicted, not measured)."""
 from __future__ import annotations
 
 import kernel_impls as ki
+
+from fastgrpo.kernels import roofline
 
 TABLE_ORDER = ("fastgrpo", "naive", "liger", "matmul_floor")
 
@@ -31,3 +34,14 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.section(f"log-probs + GRPO loss, fwd+bwd ({dev}, {ki.dtype_for(dev)}, best {timer})")
     for line in format_table(ki.RESULTS):
         terminalreporter.write_line(line)
+    if dev.type != "cuda":
+        terminalreporter.section("no GPU here: the same log-prob shapes on GPUs, bf16 fwd+bwd, predicted by "
+                                 "fastgrpo.kernels.roofline, not measured")
+        for line in predicted_lines({r["shape"] for r in ki.RESULTS}):
+            terminalreporter.write_line(line)
+
+
+def predicted_lines(shape_names) -> list[str]:
+    """One roofline prediction per (benchmarked shape, GPU), in kernel_impls.SHAPES order."""
+    return [roofline.describe_prediction(roofline.SHAPES[name], gpu)
+            for name in ki.SHAPES if name in shape_names for gpu in roofline.GPUS.values()]
