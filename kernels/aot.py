@@ -112,7 +112,7 @@ class KernelVariant:
 
     @property
     def label(self) -> str:
-        scope = {True: "", False: " for-unaligned", None: ""}[self.aligned]
+        scope = " for-unaligned" if self.aligned is False else ""
         return f"{self.name}[{self.dtype} {config_label(self.config)}{scope}]"
 
 

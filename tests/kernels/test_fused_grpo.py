@@ -10,13 +10,11 @@ for the loss, logp, entropy and both input gradients.
 from __future__ import annotations
 
 import math
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from interpreter_run import run_under_interpreter
 from largest_tensor import LargestTensor
 
 from fastgrpo.kernels import fused_grpo_loss, grpo_token_loss, token_logprobs
@@ -329,11 +327,7 @@ def triton_results(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fused_triton")
     inputs = [_triton_case(i) for i in range(len(TRITON_CASES))]
     torch.save(inputs, folder / "inputs.pt")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--triton-worker",
-                           str(folder / "inputs.pt"), str(folder / "results.pt")],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_under_interpreter(__file__, "--triton-worker", folder / "inputs.pt", folder / "results.pt", timeout=600)
     return torch.load(folder / "results.pt")
 
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
+from interpreter_run import run_under_interpreter
 
 from fastgrpo.kernels.grpo_loss import (
     LOSS_AGGREGATIONS,
@@ -372,9 +372,7 @@ def _as32(args, kwargs):
 @pytest.fixture(scope="module")
 def interpreter_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("grpo_interp") / "results.pt"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_under_interpreter(__file__, out, timeout=300)
     return torch.load(out)
 
 

@@ -9,13 +9,11 @@ sequences in float64 and differentiated by autograd, on packed batches with awkw
 from __future__ import annotations
 
 import math
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from interpreter_run import run_under_interpreter
 
 from fastgrpo.kernels import fused_grpo_loss, grpo_token_loss
 from fastgrpo.kernels import logprob as lp
@@ -484,10 +482,7 @@ def _triton_worker(out_path):
 @pytest.fixture(scope="module")
 def triton_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("gspo_tis_triton") / "results.pt"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--triton-worker", str(out)],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_under_interpreter(__file__, "--triton-worker", out, timeout=600)
     return torch.load(out)
 
 

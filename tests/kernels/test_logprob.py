@@ -6,13 +6,11 @@ the same dtype (impl="reference"), plus a small atol, for logp, entropy and both
 """
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from interpreter_run import run_under_interpreter
 from largest_tensor import LargestTensor
 
 from fastgrpo.kernels import logprob as lp
@@ -381,10 +379,7 @@ def triton_results(tmp_path_factory):
     """The interpreter must be on before Triton decorates the kernels, which this process already
     did: run all cases in one fresh interpreter-mode process (~40 s)."""
     out_path = tmp_path_factory.mktemp("triton") / "results.pt"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--triton-worker", str(out_path)],
-                          env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_under_interpreter(__file__, "--triton-worker", out_path, timeout=900)
     return torch.load(out_path)
 
 
