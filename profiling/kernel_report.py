@@ -1,6 +1,6 @@
 """Resource and roofline report of the Triton kernels, made with no GPU.
 
-    python profiling/kernel_report.py [--markdown] [--no-compile] [--specialization NAME] [--terms]
+    python profiling/kernel_report.py [--markdown] [--no-compile] [--specialization NAME] [--summary] [--terms]
 
 1. Resources: every kernel variant the dispatchers can launch, compiled ahead of time for sm_80
    (A100), sm_86 (A40) and sm_90 (H100) with each argument specialization the JIT can build for it
@@ -55,6 +55,34 @@ def resource_table(results: dict, markdown: bool) -> str:
     return render(headers, rows, markdown)
 
 
+def is_summarized(variant) -> bool:
+    """A bf16 log-prob kernel with every flag on (entropy, and the weight gradient): its largest form."""
+    return variant.dtype == "bf16" and variant.name.startswith("logprob_") and all(
+        x for x in variant.config.values() if isinstance(x, bool))
+
+
+def summary_table(results: dict, markdown: bool) -> str:
+    """The README's table: the bf16 log-prob kernels with every flag on (their largest variants),
+    one row per tile table, each cell the worst case over the specializations it is compiled with:
+    max registers / max shared KB / min resident warps per SM, "SPILL" if any spilled."""
+    largest = [v for v in dict.fromkeys(v for v, _, _ in results) if is_summarized(v)]
+    headers = ["kernel", "launches", "tiles (N x V x H, warps, stages)"] + [TARGET_LABELS[cc] for cc in aot.TARGETS]
+    rows = []
+    for v in largest:
+        tiles = aot.config_label({k: x for k, x in v.config.items() if not isinstance(x, bool)})
+        row = [v.name.removeprefix("logprob_"), "aligned" if v.aligned else "other", tiles]
+        for cc in aot.TARGETS:
+            infos = [results[(v, spec, cc)] for spec in v.specializations if (v, spec, cc) in results]
+            if any(isinstance(i, Exception) for i in infos):
+                row.append("COMPILE ERROR")
+                continue
+            warps = min(aot.occupancy(i, aot.TARGETS[cc]).warps_per_sm for i in infos)
+            cell = f"{max(i.n_regs for i in infos)} / {max(i.shared_bytes for i in infos) / 1024:.0f} / {warps}"
+            row.append(cell + (" SPILL" if any(i.n_spills or i.spill_load_bytes for i in infos) else ""))
+        rows.append(row)
+    return render(headers, rows, markdown)
+
+
 def roofline_table(markdown: bool) -> str:
     headers = ["shape (N x H x V)", "GPU", "fused GFLOP", "fused GB", "fused ms (bound; backward picked)",
                "with two-kernel bwd ms", "with atomic bwd ms", "naive GFLOP", "naive GB", "naive ms",
@@ -97,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--specialization", choices=tuple(aot.SPECIALIZATIONS), default=None,
                         help="only this argument specialization (default: each variant with every one it "
                              "can be launched with)")
+    parser.add_argument("--summary", action="store_true",
+                        help="one row per bf16 log-prob kernel and tile table, worst case over specializations "
+                             "(the README's table) instead of every variant")
     parser.add_argument("--terms", action="store_true", help="also print every byte term of the roofline")
     parser.add_argument("--workers", type=int, default=None, help="compile processes (default: CPU cores)")
     args = parser.parse_args(argv)
@@ -105,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = []
     problems = 0
     if not args.no_compile:
-        variants = list(aot.iter_kernel_variants())
+        variants = [v for v in aot.iter_kernel_variants() if is_summarized(v) or not args.summary]
         start = time.perf_counter()
         specializations = None if args.specialization is None else (args.specialization,)
         results = aot.compile_many(variants, specializations=specializations, workers=args.workers)
@@ -113,12 +144,18 @@ def main(argv: list[str] | None = None) -> int:
         problems = sum(isinstance(r, Exception) or bool(aot.resource_problems(r)) for r in results.values())
         kinds = "; ".join(f"{name}: {what} divisible by 16" for name, what in aot.SPECIALIZATIONS.items()
                           if specializations is None or name in specializations)
-        sections.append(
-            f"Kernel resources (specializations, {kinds}; compiled ahead of time in {seconds:.0f} s). "
-            f"Each cell: registers per thread / "
-            f"spilled bytes per thread / shared memory KB per block / resident warps per SM "
-            f"(max 64 on sm_80 and sm_90, 48 on sm_86); **!** marks spills or shared memory over the limit.\n\n"
-            + resource_table(results, args.markdown))
+        if args.summary:
+            sections.append(
+                f"Kernel resources, bf16 with every flag on, worst case over the specializations (compiled ahead "
+                f"of time in {seconds:.0f} s). Each cell: registers per thread / shared memory KB per block / "
+                f"resident warps per SM.\n\n" + summary_table(results, args.markdown))
+        else:
+            sections.append(
+                f"Kernel resources (specializations, {kinds}; compiled ahead of time in {seconds:.0f} s). "
+                f"Each cell: registers per thread / "
+                f"spilled bytes per thread / shared memory KB per block / resident warps per SM "
+                f"(max 64 on sm_80 and sm_90, 48 on sm_86); **!** marks spills or shared memory over the limit.\n\n"
+                + resource_table(results, args.markdown))
     sections.append(
         "Predicted, not measured: per-token log-probs forward + backward (bf16 inputs, grads of hidden and "
         "weight); each kernel max(FLOPs / peak bf16 dense, DRAM bytes / bandwidth), summed over the kernels. "

@@ -210,3 +210,27 @@ def test_resource_problems_lists_each_problem():
     bad = dataclasses.replace(ok, n_spills=2, shared_bytes=100 * 1024, max_threads=128, same_binary=False)
     problems = aot.resource_problems(bad)
     assert len(problems) == 4, problems
+
+
+def test_kernel_report_summary_takes_the_worst_case_over_specializations():
+    """profiling/kernel_report.py --summary (the README's table): one row per bf16 log-prob kernel with
+    every flag on, per target max registers / max shared KB / min resident warps, SPILL if any spilled."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "profiling" / "kernel_report.py"
+    spec = importlib.util.spec_from_file_location("kernel_report", path)
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+
+    [variant] = [v for v in VARIANTS if v.name == "logprob_fwd" and v.dtype == "bf16" and v.aligned is False
+                 and v.config["HAS_ENTROPY"]]
+    assert report.is_summarized(variant)
+    assert not report.is_summarized(dataclasses.replace(variant, dtype="fp16"))
+    results = {}
+    for cc in TARGET_CCS:
+        for spec_name, regs, smem_kb in zip(variant.specializations, (128, 200, 160), (12, 12, 24)):
+            results[(variant, spec_name, cc)] = _info(cc, regs, 8, smem_kb * 1024)
+    results[(variant, "unaligned", 90)] = dataclasses.replace(results[(variant, "unaligned", 90)], n_spills=1)
+    table = report.summary_table(results, markdown=True)
+    assert "| fwd | other | 64x128x32 w8s2 | 200 / 24 / 8 | 200 / 24 / 8 | 200 / 24 / 8 SPILL |" in table
