@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .grpo_params import GRPOLossParams
 from .grpo_aggregation import LOSS_AGGREGATIONS, PackedBatch, _nonzero, sequence_ids, token_scales
 from .grpo_loss_triton import (
     NUM_STATS,
@@ -64,19 +65,6 @@ TIS_METRIC_NAMES = ("tis_weight_mean", "tis_clipped_frac")  # present when tis_c
 
 
 # -------- The same math in torch, and the autograd Function ---------------------------------------
-
-
-@dataclass(frozen=True)
-class GRPOLossParams:
-    """Options of GRPOLossFunction. ratio_low/high are 1 - epsilon_low and 1 + epsilon_high.
-    importance_sampling_level and tis_cap are read by the callers (the kernels see neither)."""
-
-    ratio_low: float
-    ratio_high: float
-    beta: float
-    use_triton: bool
-    importance_sampling_level: str = "token"
-    tis_cap: float = 0.0
 
 
 def _ratio_and_branches(logp, old_logp, advantages, params):

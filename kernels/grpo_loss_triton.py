@@ -14,8 +14,6 @@ and detached, so the callers fold it into the advantage (w * -min(r*A, clip(r)*A
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
@@ -25,8 +23,7 @@ try:
 except ImportError:  # the `triton` extra is optional: the torch paths need nothing from it
     triton = None
 
-if TYPE_CHECKING:
-    from .grpo_loss import GRPOLossParams
+from .grpo_params import GRPOLossParams
 
 __all__ = ["NUM_STATS", "STAT_LOSS", "STAT_RATIO_MAX", "STAT_RATIO_MIN", "STAT_WEIGHT",
            "grpo_loss_backward", "grpo_loss_forward", "triton_configs"]

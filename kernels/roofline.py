@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from .tiles import default_config_for_itemsize
+
 KB = 1024
 MB = 1024 * KB
 
@@ -125,8 +127,6 @@ def predict(kernels: Sequence[Traffic], gpu: GPU) -> Prediction:
 # Resident programs per SM assumed by the model: the 16-bit logprob kernels use 170-250 registers per
 # thread at 8 warps (profiling/kernel_report.py), so one block per SM.
 BLOCKS_PER_SM = 1
-# Tiles (BLOCK_N, BLOCK_V) of the one-kernel atomic backward (logprob_triton._logprob_bwd_atomic_kernel).
-ATOMIC_TILES = {2: (64, 128), 4: (64, 64)}
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -135,8 +135,6 @@ def _cdiv(a: int, b: int) -> int:
 
 def _tiles(kernel_name: str, itemsize: int) -> tuple[int, int]:
     """(BLOCK_N, BLOCK_V) that logprob_triton's launchers use for inputs of `itemsize` bytes."""
-    from .logprob_triton import default_config_for_itemsize
-
     cfg = default_config_for_itemsize(kernel_name, itemsize)
     return cfg.block_n, cfg.block_v
 
@@ -231,7 +229,7 @@ def atomic_backward_traffic(shape: Shape, gpu: GPU, itemsize: int = 2) -> tuple[
     atomics come from programs that run together (same vocab block): in L2.
     """
     N, H, V = shape.N, shape.H, shape.V
-    block_n, block_v = ATOMIC_TILES[itemsize]
+    block_n, block_v = _tiles("bwd_atomic", itemsize)
     v_blocks = _cdiv(V, block_v)
     terms = [("read weight, targets, lse, grad_logp", V * H * itemsize + N * 16),
              ("zero fp32 grad_hidden, grad_weight", (N + V) * H * 4)]
