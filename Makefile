@@ -54,7 +54,7 @@ bench: $(STAMP)
 	$(VENV)/bin/pytest benchmarks/ --benchmark-only $(ARGS)
 
 gpu-check: $(STAMP)
-	$(PY) -m fastgrpo.gpu_check $(ARGS)
+	$(PY) -m fastgrpo.perf.gpu_check $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

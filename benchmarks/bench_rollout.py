@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastgrpo.rollout import TransformersEngine, VLLMEngine
+from fastgrpo.rollout.hf import TransformersEngine
+from fastgrpo.rollout.vllm import VLLMEngine
 
 PROMPTS = 8
 SAMPLES_PER_PROMPT = 8

@@ -23,13 +23,14 @@ import torch
 from bench_rollout import _tiny_model
 
 from fastgrpo.config import load_config
-from fastgrpo.data import build_messages, encode_prompt
-from fastgrpo.mixture import load_training_data, make_sampler
+from fastgrpo.data.prompts import build_messages, encode_prompt
+from fastgrpo.data.problems import load_training_data
+from fastgrpo.data.sampling import make_sampler
 from fastgrpo.model import load_policy, load_tokenizer
 from fastgrpo.optim import build_optimizer
 from fastgrpo.phases import PHASES, PhaseTimer
-from fastgrpo.profile import RssPeakProbe
-from fastgrpo.rollout import TransformersEngine
+from fastgrpo.perf.profile import RssPeakProbe
+from fastgrpo.rollout.hf import TransformersEngine
 from fastgrpo.trainer import collect_groups, grpo_update
 
 PROMPTS, SAMPLES, MAX_TOKENS, ROUNDS = 4, 8, 32, 3

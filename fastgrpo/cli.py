@@ -60,9 +60,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from fastgrpo.eval_suite import eval_settings, load_suite, markdown_table, run_suite, write_report
+    from fastgrpo.eval.suite import eval_settings, load_suite, markdown_table, run_suite, write_report
     from fastgrpo.preflight import longest_prompt
-    from fastgrpo.mixture import default_data_dir
+    from fastgrpo.data.sources import default_data_dir
     from fastgrpo.model import load_tokenizer, resolve_model_path
     from fastgrpo.rollout import make_engine
 
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. rollout.num_generations=4")
     t.set_defaults(func=cmd_train)
 
-    from fastgrpo.eval_suite import PRESETS
+    from fastgrpo.eval.suite import PRESETS
 
     e = sub.add_parser("eval", help="pass@1 (mean over K samples) and pass@K on benchmark suites or problem files")
     e.add_argument("--model", required=True, help="a local Hugging Face model folder, or 'default'")
@@ -148,13 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", help="also write every result, per-problem records included, as one JSON file")
     e.set_defaults(func=cmd_eval)
 
-    from fastgrpo.plan import add_plan_arguments, run_plan
+    from fastgrpo.perf.plan import add_plan_arguments, run_plan
 
     pl = sub.add_parser("plan", help="analytical GPU memory plan: will this model/context/group fit?")
     add_plan_arguments(pl)
     pl.set_defaults(func=run_plan)
 
-    from fastgrpo.curate import add_prepare_arguments, run_prepare
+    from fastgrpo.curate.pipeline import add_prepare_arguments, run_prepare
 
     data = sub.add_parser("data", help="data curation")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prepare_arguments(prep)
     prep.set_defaults(func=run_prepare)
 
-    from fastgrpo.profile import add_profile_arguments, run_profile_command
+    from fastgrpo.perf.profile import add_profile_arguments, run_profile_command
 
     pr = sub.add_parser("profile", help="N GRPO steps timed per phase: profile.json, chart, tokens/s, MFU, memory")
     add_profile_arguments(pr)

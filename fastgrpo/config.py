@@ -50,7 +50,7 @@ class DataConfig:
     data_dir: str = "data"
     # Weighted mixture of training sets {path or name: weight}, used instead of `dataset`: every
     # prompt's source is drawn with probability weight / sum(weights) (seeded, resumable), and each
-    # source is walked in its own reshuffled epochs (fastgrpo/mixture.py). open-rs Exp 2: 3:3:1.
+    # source is walked in its own reshuffled epochs (fastgrpo/data/sampling.py). open-rs Exp 2: 3:3:1.
     mixture: dict[str, float] = field(default_factory=dict)
     # Data reuse: train on only this many problems (a seeded pick; a mixture keeps each source's
     # weight share), revisited every epoch. None = all. The scaling study reuses a subset up to 25x.
@@ -78,8 +78,8 @@ class RolloutConfig:
     # empty = rollout.max_completion_length throughout. The engine is sized for the longest stage.
     length_stages: tuple[tuple[int, int], ...] = ()
     # colocate: the engine runs in the trainer's process (one device). server: rollouts come from
-    # `python -m fastgrpo.rollout_server` on its own device, which gets the weights after each step
-    # (fastgrpo/rollout_server.py); required with several training processes (fastgrpo/distributed.py).
+    # `python -m fastgrpo.rollout.server` on its own device, which gets the weights after each step
+    # (fastgrpo/rollout/server.py); required with several training processes (fastgrpo/distributed.py).
     mode: str = "colocate"
     server_host: str = "127.0.0.1"
     server_port: int = 8000  # the server's HTTP port
@@ -106,7 +106,7 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class RewardConfig:
-    """Parameters of the rewards that `rewards` weighs (formulas and sources: fastgrpo/shaping.py)."""
+    """Parameters of the rewards that `rewards` weighs (formulas and sources: fastgrpo/rewards/shaping.py)."""
 
     # Cosine length reward (Yeo et al. 2025; open-r1; open-rs Exp 3):
     # r = at_max + (at_zero - at_max) * (1 + cos(pi * L / max_len)) / 2, per correct/wrong answer.
@@ -126,7 +126,7 @@ class RewardConfig:
     overlong_buffer_len: int | None = None
     overlong_penalty: float = 1.0  # DAPO/verl penalty factor
     language_penalty: float = 1.0  # reward = -penalty * share of letters in non-Latin scripts
-    # Grading of non-integer answers (fastgrpo/grader.py): worker processes, each item bounded by
+    # Grading of non-integer answers (fastgrpo/rewards/grader.py): worker processes, each item bounded by
     # grader_timeout_s wall-clock (a legitimate answer takes milliseconds; a hostile one is killed
     # at the limit and scores 0). 0 workers = in-process (only math-verify's own limits apply).
     grader_timeout_s: float = 5.0
@@ -518,7 +518,7 @@ def _validate_data_sources(cfg: Config) -> None:
             f"data.unique_problems={d.unique_problems} cannot give each of the {len(d.mixture)} mixture sources a problem")
     if e.suite_limit is not None and e.suite_limit < 1:
         raise ConfigError(f"eval.suite_limit must be >= 1 (or null for all), got {e.suite_limit}")
-    from fastgrpo.mixture import dataset_label
+    from fastgrpo.data.sources import dataset_label
 
     if any(not s.strip() for s in e.suite):
         raise ConfigError(f"eval.suite: a dataset name is empty, got {list(e.suite)}")

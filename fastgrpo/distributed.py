@@ -6,7 +6,7 @@ over several nodes). Without torchrun's environment (WORLD_SIZE unset or 1) ever
 no-op and the trainer runs as a single process, exactly as before.
 
 How a step is split (the design choices):
-- Rollouts come from one vLLM server (``rollout.mode=server``, fastgrpo/rollout_server.py) that every
+- Rollouts come from one vLLM server (``rollout.mode=server``, fastgrpo/rollout/server.py) that every
   rank asks for the same global batch: the server generates it once and answers the other ranks
   from its cache. So every rank holds the whole rollout and computes the rewards and the
   group-relative advantages over all of it (the batch std of ``loss.scale_rewards=batch`` is exact,
@@ -90,7 +90,7 @@ def setup(cfg: Config) -> int:
     if cfg.rollout.mode != "server":
         raise ConfigError(
             f"{size} training processes need rollout.mode=server (one vLLM server shared by all ranks), "
-            f"got rollout.mode={cfg.rollout.mode!r}; start `python -m fastgrpo.rollout_server --model ...` "
+            f"got rollout.mode={cfg.rollout.mode!r}; start `python -m fastgrpo.rollout.server --model ...` "
             "on its own device first"
         )
     if cfg.train.optimizer != "adamw":

@@ -101,8 +101,8 @@ def _row_error(key: str, exc: Exception, problem_key: str, answer_key: str) -> C
 def _check_entry(key: str, entry: str, data_dir: str, subdir: str, problem_key: str, answer_key: str,
                  on_error: str) -> list[dict]:
     """Resolve and load one dataset entry; errors name ``key``."""
-    from fastgrpo.data import load_problems
-    from fastgrpo.mixture import resolve_dataset
+    from fastgrpo.data.sources import load_problems
+    from fastgrpo.data.sources import resolve_dataset
 
     try:
         path = resolve_dataset(entry, data_dir, subdir)
@@ -116,7 +116,7 @@ def _check_entry(key: str, entry: str, data_dir: str, subdir: str, problem_key: 
 
 def _check_data(cfg: Config) -> dict[str, list[dict]]:
     """{"train", "held_out", "suite"} problems, loaded as the trainer loads them."""
-    from fastgrpo.mixture import load_training_data
+    from fastgrpo.data.problems import load_training_data
 
     d = cfg.data
     with _quiet("fastgrpo.data"):
@@ -154,7 +154,7 @@ def longest_prompt(tokenizer, problems: list[dict], template: str, one_shot: boo
     that bound cannot beat the best so far. Measured on the 8,445 DeepScaleR problems: 4 prompts
     encoded, 0.02 s, the same 3,478 tokens as encoding all of them (6.1 s on 2 busy cores).
     """
-    from fastgrpo.data import build_messages, encode_prompt
+    from fastgrpo.data.prompts import build_messages, encode_prompt
 
     if not problems:
         return 0, None

@@ -7,7 +7,7 @@ Algorithm choices, each a config key (fastgrpo/config.py holds every default):
   ``rollout.dynamic_sampling_rounds`` groups whose rewards all agree are replaced by fresh prompts
   (DAPO), and ``rollout.length_stages`` raises the length limit at given steps (DeepScaleR);
 - reward: a weighted sum of registered rewards (``rewards: {accuracy: 1.0, format: 0.5}``), graded in
-  worker processes with a time bound per answer (fastgrpo/grader.py);
+  worker processes with a time bound per answer (fastgrpo/rewards/grader.py);
 - advantage: group-relative, ``(r - mean) / std`` with the std of the group, of the batch, or none
   (``loss.scale_rewards``), one value per completion;
 - objective: the clipped ratio with ``loss.epsilon_low/high``, per token or per sequence (GSPO,
@@ -42,14 +42,14 @@ from fastgrpo import checkpoint as ckpt
 from fastgrpo import distributed
 from fastgrpo.attention import set_attention_backend
 from fastgrpo.config import Config, ConfigError, to_dict
-from fastgrpo.data import build_messages, encode_prompt
-from fastgrpo.eval import evaluate
-from fastgrpo.eval_suite import eval_settings, load_suite, run_suite, suite_metrics, write_report
-from fastgrpo.grader import shared_grader
+from fastgrpo.data.prompts import build_messages, encode_prompt
+from fastgrpo.eval.evaluate import evaluate
+from fastgrpo.eval.suite import eval_settings, load_suite, run_suite, suite_metrics, write_report
+from fastgrpo.rewards.grader import shared_grader
 from fastgrpo.kernels import fused_grpo_loss
-from fastgrpo.loss import group_advantages
+from fastgrpo.advantages import group_advantages
 from fastgrpo.metrics import MetricsLogger, roll_back_metrics
-from fastgrpo.mixture import make_sampler
+from fastgrpo.data.sampling import make_sampler
 from fastgrpo.model import (apply_liger_patches, lm_head_weight, load_policy, load_reference, load_tokenizer,
                             packed_hidden_states, packed_token_logprobs, resolve_model_path)
 from fastgrpo.optim import build_optimizer, build_scheduler
@@ -57,7 +57,8 @@ from fastgrpo.packing import pack_sequences, plan_microbatches
 from fastgrpo.phases import PhaseTimer
 from fastgrpo.preflight import check_run
 from fastgrpo.rewards import compute_rewards, pop_reward_metrics
-from fastgrpo.rollout import Completion, make_engine
+from fastgrpo.rollout.base import Completion
+from fastgrpo.rollout import make_engine
 
 log = logging.getLogger("fastgrpo")
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fastgrpo.loss import group_advantages
+from fastgrpo.advantages import group_advantages
 
 
 def test_group_std_scaling_by_hand():

@@ -190,7 +190,7 @@ def test_cli_prints_one_line_and_exits_2(tiny_model_dir, tmp_path, capsys, no_mo
 
 
 def test_longest_prompt_walk_equals_encoding_every_problem(tiny_model_dir):
-    from fastgrpo.data import build_messages, encode_prompt
+    from fastgrpo.data.prompts import build_messages, encode_prompt
     from fastgrpo.model import load_tokenizer
     from fastgrpo.preflight import longest_prompt
 

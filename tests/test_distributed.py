@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dist_worker import SGD_LR, make_config, make_rollout, register_test_reward
+from helpers.dist_worker import SGD_LR, make_config, make_rollout, register_test_reward
 from fastgrpo import distributed
 from fastgrpo.checkpoint import latest_checkpoint
 from fastgrpo.config import ConfigError
@@ -29,7 +29,7 @@ from fastgrpo.optim import build_optimizer, build_scheduler
 from fastgrpo.trainer import grpo_update
 
 REPO = Path(__file__).resolve().parents[1]
-WORKER = Path(__file__).resolve().parent / "dist_worker.py"
+WORKER = Path(__file__).resolve().parent / "helpers" / "dist_worker.py"
 CPU = torch.device("cpu")
 # 2 ranks vs 1 process, fp32: the same sums in another order. Measured: weights 7e-9 apart after two
 # SGD steps (lr 0.1; they moved up to 1e-2), loss 6e-8 relative; AdamW-updated weights up to 7e-7 apart
@@ -191,14 +191,14 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def rollout_server(tiny_model_dir, tmp_path_factory):
-    """`python -m fastgrpo.rollout_server` on loopback with the tiny model (fp32, 1 GiB KV cache)."""
+    """`python -m fastgrpo.rollout.server` on loopback with the tiny model (fp32, 1 GiB KV cache)."""
     port = _free_port()
     group_port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     with open(log, "w") as handle:
         process = subprocess.Popen(
-            [sys.executable, "-m", "fastgrpo.rollout_server", "--model", str(tiny_model_dir), "--port", str(port),
+            [sys.executable, "-m", "fastgrpo.rollout.server", "--model", str(tiny_model_dir), "--port", str(port),
              "--group-port", str(group_port), "--dtype", "float32", "--max-model-len", "256", "--cpu-kvcache-gb", "1"],
             cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
     try:
@@ -216,7 +216,7 @@ def test_server_generates_with_the_weights_pushed_to_it(tiny_model_dir, rollout_
     from fastgrpo.model import packed_token_logprobs
     from fastgrpo.packing import pack_sequences
     from fastgrpo.rollout import make_engine
-    from fastgrpo.rollout_server import RemoteEngine
+    from fastgrpo.rollout.server import RemoteEngine
 
     policy = load_policy(tiny_model_dir)
     engine = make_engine("vllm", mode="server", model=policy, server_port=rollout_server["port"],

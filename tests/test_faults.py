@@ -22,9 +22,9 @@ from fastgrpo.config import load_config
 from fastgrpo.metrics import read_metrics
 from fastgrpo.trainer import TrainingStopped, train
 
-from fault_harness import STALL_MARKER, inject_faults
+from helpers.fault_harness import STALL_MARKER, inject_faults
 
-HARNESS = Path(__file__).resolve().parent / "fault_harness.py"
+HARNESS = Path(__file__).resolve().parent / "helpers" / "fault_harness.py"
 
 
 def tiny_args(model_dir, out, *extra):

@@ -28,9 +28,9 @@ import pytest
 from fastgrpo import checkpoint as ckpt
 from fastgrpo.metrics import read_metrics
 
-from fault_harness import STALL_MARKER
+from helpers.fault_harness import STALL_MARKER
 
-HARNESS = Path(__file__).resolve().parent / "fault_harness.py"
+HARNESS = Path(__file__).resolve().parent / "helpers" / "fault_harness.py"
 STEPS, NAN_STEP, KILLED_CHECKPOINT, CRASH_STEP, EVERY = 50, 10, 20, 35, 5
 
 pytestmark = pytest.mark.slow

@@ -7,10 +7,10 @@ import pytest
 from fastgrpo.config import ConfigError, load_config
 from fastgrpo.metrics import read_metrics
 from fastgrpo.phases import PhaseTimer
-from fastgrpo.rollout import Completion
+from fastgrpo.rollout.base import Completion
 from fastgrpo.trainer import collect_groups, completion_limit, longest_completion, train
 
-from test_trainer import tiny_config  # noqa: E402  (tests/ is on sys.path under pytest's rootdir)
+from helpers.trainer_setup import tiny_config
 
 
 class ScriptedEngine:

@@ -10,39 +10,16 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from fastgrpo.checkpoint import latest_checkpoint, list_checkpoints
-from fastgrpo.config import load_config
 from fastgrpo.metrics import read_metrics
-from fastgrpo.rewards import REWARDS, register_reward
 from fastgrpo.trainer import train
+from helpers.paths import SHARED_DATA
+from helpers.trainer_setup import tiny_config
 
 STEP_KEYS = {
     "step", "reward_mean", "reward_std", "accuracy", "format_rate", "completion_len_mean", "kl_mean",
     "clip_frac", "entropy_mean", "loss", "grad_norm", "lr", "rollout_s", "train_s", "sync_s", "step_s",
     "completion_tokens", "tokens_per_s", "logprob_mismatch",
 }
-
-
-# A random model never answers correctly, so accuracy alone gives flat groups and zero gradients.
-# The share of distinct characters varies between samples: a reward with signal for the test.
-if "distinct_chars" not in REWARDS:
-
-    @register_reward("distinct_chars")
-    def distinct_chars(completions, answers, **ctx):
-        return [len(set(c)) / max(1, len(c)) for c in completions]
-
-
-def tiny_config(model_dir, out, engine, *extra):
-    return load_config(None, [
-        f"model.path={model_dir}", f"log.output_dir={out}", f"rollout.engine={engine}",
-        "rollout.prompts_per_step=2", "rollout.num_generations=4", "rollout.max_completion_length=12",
-        "rollout.cpu_kvcache_gb=1", "rollout.dtype=float32",
-        "data.num_train=40", "data.num_eval=4", "eval.max_completion_length=8",
-        # a large learning rate so that one step visibly moves a random model's weights
-        "train.learning_rate=1e-3", "train.warmup_steps=0", "train.max_steps=2",
-        "train.max_tokens_per_microbatch=160", "log.checkpoint_every=1", "log.keep_last=3",
-        "rewards={accuracy: 1.0, format: 0.5, distinct_chars: 1.0}",
-        *extra,
-    ])
 
 
 def weights(folder):
@@ -120,11 +97,10 @@ def test_reference_kl_and_several_passes_per_rollout(tiny_model_dir, tmp_path):
 
 def test_eval_command_on_a_real_eval_file(tiny_model_dir, tmp_path, capsys):
     """`fastgrpo eval` end to end on rows of a shipped eval file: plumbing and grading, not the score."""
-    from pathlib import Path
 
     from fastgrpo.cli import main
 
-    amc = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "eval" / "amc23.jsonl"
+    amc = SHARED_DATA / "eval" / "amc23.jsonl"
     out = tmp_path / "results.json"
     rc = main(["eval", "--model", str(tiny_model_dir), "--data", str(amc), "--limit", "3", "--samples", "2",
                "--max-tokens", "8", "--engine", "transformers", "--output", str(out),

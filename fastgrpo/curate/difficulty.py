@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastgrpo.data import PROMPT_TEMPLATES, build_messages, encode_prompt
+from fastgrpo.data.prompts import PROMPT_TEMPLATES, build_messages, encode_prompt
 
 
 def _training_default(section: str, name: str) -> Any:

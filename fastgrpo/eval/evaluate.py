@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fastgrpo.data import build_messages, encode_prompt
+from fastgrpo.data.prompts import build_messages, encode_prompt
 from fastgrpo.config import RewardConfig
-from fastgrpo.grader import shared_grader
+from fastgrpo.rewards.grader import shared_grader
 from fastgrpo.rewards import accuracy_reward, format_reward
 
 
@@ -81,7 +81,7 @@ def evaluate(
     Returns summarize()'s dict plus "boxed_frac" (completions with a non-empty final box),
     "mean_completion_tokens" and "per_problem": [{"id", "problem", "answer", "completions",
     "correct"}] in the order of `problems`. Grading runs in the grader's worker processes with a
-    time bound per answer (``grader``: a fastgrpo.grader.Grader; default the shared pool with the
+    time bound per answer (``grader``: a fastgrpo.rewards.grader.Grader; default the shared pool with the
     ``reward`` section's default settings): model text is untrusted, in evaluation as in training.
     """
     if not problems:

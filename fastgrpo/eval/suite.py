@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastgrpo.data import PROMPT_TEMPLATES, load_problems
-from fastgrpo.eval import evaluate
-from fastgrpo.mixture import dataset_label, resolve_dataset
+from fastgrpo.data.prompts import PROMPT_TEMPLATES
+from fastgrpo.data.sources import load_problems
+from fastgrpo.eval.evaluate import evaluate
+from fastgrpo.data.sources import dataset_label, resolve_dataset
 from fastgrpo.rewards import extract_boxed
 
 # The five benchmarks of the DeepScaleR and open-rs tables.

@@ -36,7 +36,7 @@ def same_shape_random_model(out: Path) -> Path:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from fastgrpo.model import load_tokenizer
-    from fastgrpo.plan import PRESETS
+    from fastgrpo.perf.plan import PRESETS
 
     shape = PRESETS["deepseek-r1-distill-qwen-1.5b"]
     tokenizer = load_tokenizer("default")

@@ -1,4 +1,4 @@
-"""Measured training peaks on CPU, to check fastgrpo.plan's formulas against real allocations.
+"""Measured training peaks on CPU, to check fastgrpo.perf.plan's formulas against real allocations.
 
 torch.profiler with ``profile_memory=True`` records every CPU allocation and free together with
 the allocator's running total of the bytes allocated since memory profiling began. Unlike RSS it is
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from fastgrpo.plan import (DTYPE_BYTES, GpuSpec, ModelShape, activation_bytes, loss_working_set_bytes, model_shape,
+from fastgrpo.perf.plan import (DTYPE_BYTES, GpuSpec, ModelShape, activation_bytes, loss_working_set_bytes, model_shape,
                            plan_memory, step_peak_bytes)
 
 # record_function ranges whose names start with this are measured windows
@@ -211,7 +211,7 @@ def measure_trainer_micro_batch(model_dir: str | Path, *, sequences: int, prompt
 
 def predicted_trainer_micro_batch(model_dir: str | Path, *, tokens: int, scored_tokens: int, dtype: str = "float32",
                                   gradient_checkpointing: bool = False) -> dict[str, int]:
-    """fastgrpo.plan's numbers for measure_trainer_micro_batch's setting: the shape read from
+    """fastgrpo.perf.plan's numbers for measure_trainer_micro_batch's setting: the shape read from
     ``model_dir``/config.json, AdamW, no vLLM, no CUDA context, a micro-batch of ``tokens`` packed tokens
     of which ``scored_tokens`` get a log-prob. Two CPU facts enter that a GPU plan does not have: the
     fused loss runs its chunked torch path (fp32 [chunk, V] scratch) and scores only completion tokens

@@ -25,7 +25,7 @@ Assumptions (each one names what the planner counts):
 - The reference model (beta > 0) runs under no_grad before the policy's micro-batches: only its
   weights add to the peak.
 
-fastgrpo/peak_memory.py checks the non-GPU parts against torch's allocator on CPU: with the naive
+fastgrpo/perf/peak_memory.py checks the non-GPU parts against torch's allocator on CPU: with the naive
 loss the predicted peak sat within 2.6% of the measured one for SmolLM2/Qwen2 shapes, fp32 and bf16,
 with and without checkpointing (tests/test_plan.py); through the trainer's own calls (packed forward,
 fused loss, AdamW) on the tiny test model and SmolLM2-135M, every component within 20%

@@ -26,7 +26,7 @@ Model FLOPs, from the model's config.json (N: the decoder's matmul weights; V x 
     rollout    2 (N + V H) Tg for Tg generated tokens (decode only: prompt prefill is not counted)
 Attention's score and value products (4 x layers x q_dim x context per token) are not counted: at
 the default run's ~150-token sequences they add a few percent. MFU = FLOPs / seconds / peak, the
-peak from fastgrpo.plan.GPUS (dense bf16 tensor-core FLOP/s) on a GPU, and on a CPU the fp32 matmul
+peak from fastgrpo.perf.plan.GPUS (dense bf16 tensor-core FLOP/s) on a GPU, and on a CPU the fp32 matmul
 rate measured before and after the run (the better of two bests of 10 1024^3 products on torch's
 threads: on a shared machine the rate moves, and the higher one gives the more modest MFU).
 """
@@ -233,10 +233,10 @@ def measure_cpu_matmul_flops(size: int = 1024, repeats: int = 10) -> float:
 
 
 def gpu_key(device_name: str, memory_gib: float | None = None) -> str | None:
-    """The fastgrpo.plan.GPUS key of a CUDA device name ("NVIDIA A40", "NVIDIA H100 80GB HBM3",
+    """The fastgrpo.perf.plan.GPUS key of a CUDA device name ("NVIDIA A40", "NVIDIA H100 80GB HBM3",
     "NVIDIA A100-SXM4-40GB", ...), the one nearest ``memory_gib`` when several share the model; None
     for an unknown GPU. Words are matched whole (an "L40S" is not an "L4")."""
-    from fastgrpo.plan import GPUS
+    from fastgrpo.perf.plan import GPUS
 
     words = re.findall(r"[a-z0-9]+", device_name.lower())
     tokens = set(words) | {a + b for a, b in zip(words, words[1:])}
@@ -253,7 +253,7 @@ def device_peak_flops(device, override: float | None = None) -> dict[str, Any]:
     import torch
 
     if device.type == "cuda":
-        from fastgrpo.plan import GPUS
+        from fastgrpo.perf.plan import GPUS
 
         props = torch.cuda.get_device_properties(device)
         name = props.name
@@ -261,7 +261,7 @@ def device_peak_flops(device, override: float | None = None) -> dict[str, Any]:
         if override:
             return {"flops_per_s": override, "source": "--peak-tflops", "device": name}
         if key is None:
-            return {"flops_per_s": None, "source": f"{name!r} is not in fastgrpo.plan.GPUS: pass --peak-tflops",
+            return {"flops_per_s": None, "source": f"{name!r} is not in fastgrpo.perf.plan.GPUS: pass --peak-tflops",
                     "device": name}
         return {"flops_per_s": GPUS[key].bf16_tflops * 1e12, "source": f"datasheet dense bf16 ({key})", "device": name}
     threads = torch.get_num_threads()
@@ -338,7 +338,7 @@ def run_profile(cfg, steps: int = 3, out_dir: str | Path = "runs/profile", trace
     from fastgrpo.metrics import read_metrics
     from fastgrpo.model import resolve_model_path
     from fastgrpo.phases import PhaseTimer
-    from fastgrpo.plan import model_shape
+    from fastgrpo.perf.plan import model_shape
     from fastgrpo.trainer import pick_device, train
 
     if not isinstance(steps, int) or steps < 1:
@@ -485,7 +485,7 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/profile", help="output folder (default runs/profile)")
     parser.add_argument("--trace", action="store_true", help="also write a torch.profiler chrome trace of one step")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for MFU (default: the GPU "
-                        "table in fastgrpo.plan, or the CPU's measured fp32 matmul rate)")
+                        "table in fastgrpo.perf.plan, or the CPU's measured fp32 matmul rate)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted config overrides; held-out evaluation is off unless eval.before_and_after=true")
 

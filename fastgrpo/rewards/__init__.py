@@ -11,7 +11,7 @@ one with ``@register_reward("name")``; weights come from the config as ``{"name"
   settings               RewardConfig: the `reward` config section
   grader                 Grader: for rewards that need to grade more
 
-Registered rewards (formulas of the shaping rewards: fastgrpo/shaping.py):
+Registered rewards (formulas of the shaping rewards: fastgrpo/rewards/shaping.py):
   accuracy      1.0 when the last boxed answer equals the gold answer (grader.py: integers, else math-verify)
   format        1.0 a closed, non-empty final box ending the answer; 0.5 followed by more text; 0.0 none
   think_format  the format score of the text after ``</think>`` when the completion reasons first:
@@ -36,9 +36,9 @@ from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 from fastgrpo.config import RewardConfig
-from fastgrpo.grader import (BOXED_SCAN_CHARS, MAX_ANSWER_CHARS, Grader, GradeResult, extract_boxed, last_box,
+from fastgrpo.rewards.grader import (BOXED_SCAN_CHARS, MAX_ANSWER_CHARS, Grader, GradeResult, extract_boxed, last_box,
                              shared_grader)
-from fastgrpo.shaping import (COSINE_WRONG_AT_ZERO, cosine_scaled, language_drift_fraction, language_penalty,
+from fastgrpo.rewards.shaping import (COSINE_WRONG_AT_ZERO, cosine_scaled, language_drift_fraction, language_penalty,
                               overlong_penalty, repetition_penalty)
 
 __all__ = ["BOXED_SCAN_CHARS", "MAX_ANSWER_CHARS", "REWARDS", "RewardBatch", "RewardInputError", "compute_rewards",

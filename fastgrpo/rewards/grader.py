@@ -48,7 +48,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-log = logging.getLogger("fastgrpo.grader")
+log = logging.getLogger("fastgrpo.rewards.grader")
 
 # ----------------------------------------------------------------------------------------------
 # Finding the final answer (runs in the trainer's process: linear time, no parsing)
@@ -236,7 +236,7 @@ WORKER_START_TIMEOUT_S = 60.0
 # A worker's reply is one short JSON line; anything longer is out of protocol.
 _MAX_REPLY_BYTES = 1 << 16
 _KINDS = ("math_verify", "timeout", "error")
-_WORKER_BOOT = "from fastgrpo.grader import _worker_main; _worker_main()"
+_WORKER_BOOT = "from fastgrpo.rewards.grader import _worker_main; _worker_main()"
 # Answers of the usual shapes (fraction, tuple with pi, root, polynomial, interval, set, degrees).
 _WARM_UP = (("\\frac{1}{2}", "0.5"), ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3, \\frac{\\pi}{2})"),
             ("2\\sqrt{3}", "\\sqrt{12}"), ("x^2 + 1", "1 + x^2"), ("[1, 2)", "[1,2)"), ("\\{1, 2\\}", "\\{2, 1\\}"),

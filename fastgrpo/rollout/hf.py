@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from fastgrpo.rollout import Completion, _check_generate_args
+from fastgrpo.rollout.base import Completion, check_generate_args
 
 log = logging.getLogger("fastgrpo")
 
@@ -57,7 +57,7 @@ class TransformersEngine:
         One torch.Generator seeded with `seed` drives the whole call, so results depend on
         batch_size as well as on the seed.
         """
-        _check_generate_args(prompt_ids, n, max_tokens, temperature, top_p)
+        check_generate_args(prompt_ids, n, max_tokens, temperature, top_p)
         device = next(self.model.parameters()).device
         generator = torch.Generator(device=device)
         if seed is None:

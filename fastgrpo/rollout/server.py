@@ -1,9 +1,9 @@
 """Rollouts on their own device: a vLLM engine in a server process, and the trainer's client for it.
 
-    python -m fastgrpo.rollout_server --model DIR --port 8000        # on the rollout device
+    python -m fastgrpo.rollout.server --model DIR --port 8000        # on the rollout device
     fastgrpo train rollout.mode=server rollout.server_port=8000      # or torchrun ... -m fastgrpo train
 
-The server holds one in-process `VLLMEngine` (fastgrpo/rollout.py) and answers a small JSON API over
+The server holds one in-process `VLLMEngine` (fastgrpo/rollout/vllm.py) and answers a small JSON API over
 HTTP (the standard library's threading server; one request at a time reaches the engine):
 
     GET  /health          {"ok": true} once the engine is up
@@ -46,7 +46,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-from fastgrpo.rollout import Completion, _check_generate_args, checkpoint_named_weights
+from fastgrpo.rollout.base import Completion, check_generate_args, checkpoint_named_weights
 
 logger = logging.getLogger(__name__)
 
@@ -283,7 +283,7 @@ def _handler(server: RolloutServer) -> type[BaseHTTPRequestHandler]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastgrpo.rollout_server", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fastgrpo.rollout.server", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="Hugging Face model folder (the trainer's starting weights)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port")
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from fastgrpo.rollout import VLLMEngine
+    from fastgrpo.rollout.vllm import VLLMEngine
 
     engine = VLLMEngine(args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
                         gpu_memory_utilization=args.gpu_memory_utilization, cpu_kvcache_gb=args.cpu_kvcache_gb,
@@ -364,7 +364,7 @@ class RemoteEngine:
                 if time.monotonic() > deadline:
                     raise ConnectionError(
                         f"no rollout server answered at {self.url} within {timeout_s:.0f} s ({exc}); start it with "
-                        "`python -m fastgrpo.rollout_server --model DIR --port PORT` or set rollout.server_host/port"
+                        "`python -m fastgrpo.rollout.server --model DIR --port PORT` or set rollout.server_host/port"
                     ) from None
                 time.sleep(1.0)
 
@@ -386,7 +386,7 @@ class RemoteEngine:
     def generate(self, prompt_ids: list[list[int]], n: int, max_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, seed: int | None = None) -> list[Completion]:
         """See `RolloutEngine.generate`; the server's VLLMEngine samples (same seeding)."""
-        _check_generate_args(prompt_ids, n, max_tokens, temperature, top_p)
+        check_generate_args(prompt_ids, n, max_tokens, temperature, top_p)
         longest = max(len(p) for p in prompt_ids)
         if longest + max_tokens > self.max_model_len:
             # vLLM would quietly cut the completions short; the colocated engine is sized for the run.

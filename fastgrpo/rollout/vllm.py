@@ -31,15 +31,12 @@ import importlib.util
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
 logger = logging.getLogger(__name__)
-
-ENGINE_KINDS = ("vllm", "transformers")
 
 # vLLM scores the sampled token under the distribution it sampled from (temperature, top-p).
 VLLM_LOGPROBS_MODE = "processed_logprobs"
@@ -50,105 +47,9 @@ _VLLM_INSTALL_HINT = (
     "or use the rollout engine 'transformers'."
 )
 
-# Prefixes that wrappers put in front of a model's parameter names (torch.compile, DDP).
-_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
 
-@dataclass
-class Completion:
-    """One sampled completion of one prompt.
-
-    token_ids and logprobs have the same length (the number of generated tokens, at most
-    max_tokens); token_ids ends with the end-of-sequence token when finish_reason == "stop".
-    """
-
-    prompt_index: int  # index into the prompts list passed to generate
-    token_ids: list[int]  # generated tokens, including the EOS token if it stopped on one
-    logprobs: list[float]  # the sampler's log-prob of each generated token
-    text: str  # decoded, special tokens skipped
-    finish_reason: str  # "stop" or "length"
-
-
-@runtime_checkable
-class RolloutEngine(Protocol):
-    """What the trainer needs from a sampler."""
-
-    name: str
-
-    def generate(
-        self,
-        prompt_ids: list[list[int]],
-        n: int,
-        max_tokens: int,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-    ) -> list[Completion]:
-        """len(prompt_ids) * n completions, grouped: the n samples of prompt 0, then prompt 1, ..."""
-        ...
-
-    def sync_weights(self, model: torch.nn.Module) -> float:
-        """Load `model`'s current weights into the sampler; returns the seconds it took."""
-        ...
-
-    def sleep(self) -> None:
-        """Free the sampler's accelerator memory while the trainer runs (no-op where unsupported)."""
-        ...
-
-    def wake_up(self) -> None:
-        """Undo `sleep` before the next sync/generate (no-op where unsupported)."""
-        ...
-
-    def close(self) -> None: ...
-
-
-def _check_generate_args(
-    prompt_ids: Sequence[Sequence[int]], n: int, max_tokens: int, temperature: float, top_p: float
-) -> None:
-    if not isinstance(prompt_ids, Sequence) or len(prompt_ids) == 0:
-        raise ValueError(f"prompt_ids must be a non-empty list of token-id lists, got {prompt_ids!r}")
-    for index, ids in enumerate(prompt_ids):
-        if len(ids) == 0:
-            raise ValueError(f"prompt_ids[{index}] is empty; every prompt needs at least one token")
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n (samples per prompt) must be an int >= 1, got {n!r}")
-    if not isinstance(max_tokens, int) or max_tokens < 1:
-        raise ValueError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
-    if not temperature >= 0.0:
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature!r}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-
-
-def prompt_seed(seed: int, prompt_index: int) -> int:
-    """A 62-bit seed for one prompt of a call seeded with `seed` (splitmix64 of the pair), so
-    that the streams `prompt_seed + j` of different prompts and calls do not overlap."""
-    mask = (1 << 64) - 1
-    z = (seed * 0x9E3779B97F4A7C15 + (prompt_index + 1) * 0xD1B54A32D192ED03) & mask
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
-    return (z ^ (z >> 31)) >> 2
-
-
-def checkpoint_named_weights(
-    model: torch.nn.Module, dtype: torch.dtype
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (checkpoint name, detached tensor cast to `dtype`) for every parameter name of `model`.
-
-    Tied parameters are yielded under every name: vLLM 0.32's in-place reload rebuilds each layer
-    from its own list of loaded names, and when `lm_head.weight` of a tied model is left out its
-    LM head keeps the old weights ("ParallelLMHead: Failed to load weights"; measured on the tiny
-    tied Llama: log-probs 10 nats away from the trainer's after a sync, 1e-5 with it sent).
-    Casting lazily, one tensor at a time, keeps the extra memory at one parameter. A parameter
-    sharded by FSDP2 (a DTensor) is cast shard-wise, then all-gathered: every rank of the trainer
-    must iterate together (a collective per parameter).
-    """
-    for name, param in model.named_parameters(remove_duplicate=False):
-        for prefix in _WRAPPER_PREFIXES:
-            if name.startswith(prefix):
-                name = name[len(prefix) :]
-        tensor = param.detach().to(dtype)
-        yield name, (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor)
+from fastgrpo.rollout.base import Completion, check_generate_args, checkpoint_named_weights, prompt_seed
 
 
 # Prefill tokens per vLLM scheduler step on CPU (vLLM's CPU default is 4,096): see _unchunked_groups.
@@ -283,7 +184,7 @@ class VLLMEngine:
         streams between calls whose seeds differ by less than len(prompt_ids) * n (a trainer
         passing `base + step`). None draws fresh randomness.
         """
-        _check_generate_args(prompt_ids, n, max_tokens, temperature, top_p)
+        check_generate_args(prompt_ids, n, max_tokens, temperature, top_p)
         if self._sleeping:
             raise RuntimeError("the vLLM engine is asleep: call wake_up() before generate()")
         from vllm import SamplingParams
@@ -423,66 +324,3 @@ def _configure_vllm_environment(*, on_gpu: bool, cpu_kvcache_gb: float) -> int |
     return int(cpu_kvcache_gb * 2**30)
 
 
-# Options each engine takes. make_engine drops the other engine's options, so one call site can
-# pass the union (the trainer does); a name neither engine knows is an error.
-VLLM_OPTIONS = frozenset(
-    ("dtype", "max_model_len", "seed", "gpu_memory_utilization", "enable_sleep_mode",
-     "cpu_kvcache_gb", "enforce_eager", "max_num_seqs")
-)
-TRANSFORMERS_OPTIONS = frozenset(("batch_size",))
-# mode="server": a RemoteEngine on a `python -m fastgrpo.rollout_server` process (rollout_server.py).
-SERVER_OPTIONS = frozenset(("server_host", "server_port", "server_group_port", "server_timeout_s"))
-ROLLOUT_MODES = ("colocate", "server")
-
-
-def make_engine(
-    kind: str,
-    *,
-    mode: str = "colocate",
-    model_path: str | os.PathLike | None = None,
-    model: torch.nn.Module | None = None,
-    tokenizer: Any = None,
-    **options: Any,
-) -> RolloutEngine:
-    """Build a rollout engine: the single switch between backends.
-
-    mode "colocate": `kind` "vllm" is VLLMEngine(model_path, **options) in this process;
-    "transformers" is TransformersEngine on `model` and `tokenizer` (the trainer's live model: no
-    weight sync needed); when they are not given they are loaded from `model_path`, and then
-    `sync_weights` copies the trainer's weights in. mode "server": a RemoteEngine (its `kind` is
-    the server's, vLLM) that connects to the server and pushes `model`'s weights to it at once.
-    Options of the other engines are ignored; unknown option names raise TypeError.
-    """
-    unknown = set(options) - VLLM_OPTIONS - TRANSFORMERS_OPTIONS - SERVER_OPTIONS
-    if unknown:
-        raise TypeError(
-            f"unknown rollout engine option(s) {sorted(unknown)}; valid: "
-            f"{sorted(VLLM_OPTIONS | TRANSFORMERS_OPTIONS | SERVER_OPTIONS)}"
-        )
-    if mode == "server":
-        from fastgrpo.rollout_server import RemoteEngine
-
-        return RemoteEngine(model=model, **{k.removeprefix("server_"): v for k, v in options.items() if k in SERVER_OPTIONS})
-    if mode != "colocate":
-        raise ValueError(f"unknown rollout mode {mode!r}; valid modes: {', '.join(ROLLOUT_MODES)}")
-    if kind == "vllm":
-        if model_path is None:
-            raise ValueError("the 'vllm' engine needs model_path (a Hugging Face model folder)")
-        if importlib.util.find_spec("vllm") is None:
-            raise ImportError(_VLLM_INSTALL_HINT)
-        return VLLMEngine(model_path, **{k: v for k, v in options.items() if k in VLLM_OPTIONS})
-    if kind == "transformers":
-        if model is None or tokenizer is None:
-            if model_path is None:
-                raise ValueError("the 'transformers' engine needs model and tokenizer, or model_path")
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            model = model if model is not None else AutoModelForCausalLM.from_pretrained(model_path)
-            tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(model_path)
-        kept = {k: v for k, v in options.items() if k in TRANSFORMERS_OPTIONS}
-        return TransformersEngine(model, tokenizer, **kept)
-    raise ValueError(f"unknown rollout engine {kind!r}; valid engines: {', '.join(ENGINE_KINDS)}")
-
-
-# The transformers engine lives in its own module; importable from here as before.
-from fastgrpo.rollout_hf import TransformersEngine, _sample  # noqa: E402  (after Completion exists)

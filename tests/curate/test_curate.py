@@ -1,4 +1,4 @@
-"""Tests for `fastgrpo data prepare` (fastgrpo/curate.py, dedup.py, difficulty.py): each step on small
+"""Tests for `fastgrpo data prepare` (fastgrpo/curate/pipeline.py, dedup.py, difficulty.py): each step on small
 files, the known MATH-500 overlaps of the shipped train file, malformed rows, the CLI end to end."""
 
 from __future__ import annotations
@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from fastgrpo.cli import main
-from fastgrpo.curate import PrepareOptions, default_report_path, gold_check, prepare
-from fastgrpo.dedup import (NgramIndex, TextEmbedder, answers_agree, best_matches, greedy_duplicates, similar_pairs,
-                            text_key, word_ngrams, words)
-from fastgrpo.difficulty import DifficultyOptions, estimate_pass_rates
-from fastgrpo.rollout import Completion
+from fastgrpo.curate.steps import PrepareOptions, gold_check
+from fastgrpo.curate.pipeline import default_report_path, prepare
+from fastgrpo.curate.matching import NgramIndex, TextEmbedder, answers_agree, best_matches, greedy_duplicates, similar_pairs, text_key, word_ngrams, words
+from fastgrpo.curate.difficulty import DifficultyOptions, estimate_pass_rates
+from fastgrpo.rollout.base import Completion
+from helpers.paths import SHARED_DATA
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+DATA = SHARED_DATA
 TRAIN = DATA / "train" / "deepscaler_partial_aime_math.jsonl"
 MATH500 = DATA / "eval" / "math500.jsonl"
 OLYMPIAD = DATA / "eval" / "olympiadbench.jsonl"
@@ -85,7 +86,7 @@ def test_malformed_rows_are_reported_with_file_and_line(tmp_path):
 
 def test_shipped_train_file_rows_with_empty_answers_are_named():
     # Only the load step on the real file: its two rows with an empty answer, by line.
-    from fastgrpo.curate import StepReport, read_problem_rows
+    from fastgrpo.curate.steps import StepReport, read_problem_rows
 
     report = StepReport("load")
     rows = read_problem_rows(TRAIN, "problem", "answer", None, report)
@@ -269,7 +270,7 @@ def test_embedding_decontamination_catches_rewritten_eval_problems(tmp_path, emb
 def test_embedder_matches_sentence_transformers(embedder):
     from sentence_transformers import SentenceTransformer
 
-    from fastgrpo.dedup import embedding_model_dir
+    from fastgrpo.curate.matching import embedding_model_dir
 
     texts = ["What is the sum of the positive factors of 24?", "Find $x$ if $2x + 3 = 7$.", "short"]
     reference = SentenceTransformer(str(embedding_model_dir()), device="cpu").encode(texts, convert_to_tensor=True)

@@ -17,21 +17,13 @@ from types import SimpleNamespace
 import pytest
 
 from fastgrpo.config import DataConfig
-from fastgrpo.data import (
-    DEFAULT_LEVEL_WEIGHTS,
-    ONE_SHOT_PROBLEM,
-    ONE_SHOT_SOLUTION,
-    PROMPT_TEMPLATES,
-    PromptSampler,
-    arithmetic_problems,
-    arithmetic_splits,
-    build_messages,
-    encode_prompt,
-    load_problems,
-    load_task,
-)
+from fastgrpo.data.problems import DEFAULT_LEVEL_WEIGHTS, arithmetic_problems, arithmetic_splits, load_task
+from fastgrpo.data.prompts import ONE_SHOT_PROBLEM, ONE_SHOT_SOLUTION, PROMPT_TEMPLATES, build_messages, encode_prompt
+from fastgrpo.data.sampling import PromptSampler
+from fastgrpo.data.sources import load_problems
+from helpers.paths import SHARED_DATA
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+DATA = SHARED_DATA
 EVAL_SIZES = {"aime24": 30, "amc23": 40, "amc": 83, "math500": 500, "minerva": 272, "olympiadbench": 675}
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Tests for fastgrpo.mixture: dataset names, weighted mixtures, data reuse, curriculum order, resume."""
+"""Tests for fastgrpo.data.sampling: dataset names, weighted mixtures, data reuse, curriculum order, resume."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from fastgrpo.config import ConfigError, load_config
-from fastgrpo.data import PromptSampler
-from fastgrpo.mixture import (SOURCE_KEY, MixtureSampler, dataset_label, load_training_data, make_sampler,
-                              resolve_dataset, select_unique)
+from fastgrpo.data.sampling import PromptSampler
+from fastgrpo.data.problems import SOURCE_KEY, load_training_data
+from fastgrpo.data.sampling import MixtureSampler, make_sampler, select_unique
+from fastgrpo.data.sources import dataset_label, resolve_dataset
 
 
 def _problems(prefix: str, n: int) -> list[dict]:
@@ -186,7 +187,7 @@ def test_mixture_with_unique_problems_keeps_weight_shares():
     sampler = make_sampler(cfg, train)
     assert isinstance(sampler, MixtureSampler)
     assert [len(rows) for rows in sampler.sources] == [30, 30, 10]  # the 3,000 / 3,000 / 1,000 split, scaled
-    with pytest.raises(ValueError, match="load a mixture with fastgrpo.mixture.load_training_data"):
+    with pytest.raises(ValueError, match="load a mixture with fastgrpo.data.problems.load_training_data"):
         make_sampler(cfg, _problems("s1", 5))
 
 

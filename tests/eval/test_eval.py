@@ -1,19 +1,20 @@
-"""Tests for fastgrpo.eval: the pass@k estimator, summaries, evaluate() against a scripted engine."""
+"""Tests for fastgrpo.eval.evaluate: the pass@k estimator, summaries, evaluate() against a scripted engine."""
 
 from __future__ import annotations
 
 import itertools
 import math
 import random
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-from fastgrpo.data import build_messages, load_problems
-from fastgrpo.eval import evaluate, pass_at_k, summarize
+from fastgrpo.data.prompts import build_messages
+from fastgrpo.data.sources import load_problems
+from fastgrpo.eval.evaluate import evaluate, pass_at_k, summarize
+from helpers.eval_doubles import CharTokenizer, Output
+from helpers.paths import SHARED_DATA
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+DATA = SHARED_DATA
 
 
 def _brute_force_pass_at_k(n: int, c: int, k: int) -> float:
@@ -64,22 +65,6 @@ def test_summarize():
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Output:
-    prompt_index: int
-    text: str
-    token_ids: list[int]
-
-
-class _CharTokenizer:
-    """apply_chat_template -> one id per character of "role: content" lines (reversible)."""
-
-    def apply_chat_template(self, messages, add_generation_prompt, tokenize):
-        assert add_generation_prompt and tokenize
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
-        return {"input_ids": [ord(ch) for ch in text]}
-
-
 class _ScriptedEngine:
     """Problem i gets n completions: `n_correct[i]` boxing the gold answer, the rest boxing a wrong one.
 
@@ -99,7 +84,7 @@ class _ScriptedEngine:
             for j in range(n):
                 answer = self.problems[i]["answer"] if j < self.n_correct[i] else "wrong"
                 text = f"Some reasoning. The answer is $\\boxed{{{answer}}}$."
-                outputs.append(_Output(i, text, list(range(len(text) // 4))))
+                outputs.append(Output(i, text, list(range(len(text) // 4))))
         random.Random(seed).shuffle(outputs)
         return outputs
 
@@ -108,13 +93,13 @@ def test_evaluate_on_amc23_rows():
     problems = load_problems(DATA / "eval" / "amc23.jsonl")[:5]
     n_correct = [0, 1, 4, 2, 0]
     engine = _ScriptedEngine(problems, n_correct)
-    result = evaluate(engine, _CharTokenizer(), problems, samples=4, max_tokens=64, temperature=0.7, top_p=0.9,
+    result = evaluate(engine, CharTokenizer(), problems, samples=4, max_tokens=64, temperature=0.7, top_p=0.9,
                       template="qwen", one_shot=False, seed=3)
 
     (call,) = engine.calls
     assert call["n"] == 4 and call["max_tokens"] == 64 and call["temperature"] == 0.7
     assert call["top_p"] == 0.9 and call["seed"] == 3
-    expected_prompt = _CharTokenizer().apply_chat_template(build_messages(problems[1]["problem"], "qwen", False),
+    expected_prompt = CharTokenizer().apply_chat_template(build_messages(problems[1]["problem"], "qwen", False),
                                                             True, True)["input_ids"]
     assert call["prompt_ids"][1] == expected_prompt
 
@@ -138,6 +123,6 @@ def test_evaluate_rejects_a_short_engine_answer():
             return super().generate(*args, **kwargs)[1:]
 
     with pytest.raises(ValueError, match=r"engine returned \d completions for prompt \d, expected 2"):
-        evaluate(_DroppingEngine(problems, [1, 1]), _CharTokenizer(), problems, samples=2)
+        evaluate(_DroppingEngine(problems, [1, 1]), CharTokenizer(), problems, samples=2)
     with pytest.raises(ValueError, match="samples must be"):
-        evaluate(_ScriptedEngine(problems, [1, 1]), _CharTokenizer(), problems, samples=0)
+        evaluate(_ScriptedEngine(problems, [1, 1]), CharTokenizer(), problems, samples=0)

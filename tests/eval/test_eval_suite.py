@@ -1,21 +1,21 @@
-"""Tests for fastgrpo.eval_suite: suite names, presets, tables and per-problem records; `fastgrpo eval
+"""Tests for fastgrpo.eval.suite: suite names, presets, tables and per-problem records; `fastgrpo eval
 --suite` end to end on the tiny model; the suite evaluated during training (with a data mixture)."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from fastgrpo.cli import main
 from fastgrpo.config import load_config
-from fastgrpo.eval_suite import (DEFAULT_SUITE, PRESETS, EvalSettings, eval_settings, load_suite, markdown_table,
+from fastgrpo.eval.suite import (DEFAULT_SUITE, PRESETS, EvalSettings, eval_settings, load_suite, markdown_table,
                                  parse_suite, run_suite, suite_metrics, write_report)
 from fastgrpo.metrics import read_metrics
-from test_eval import _CharTokenizer, _Output  # noqa: E402  (the same test doubles as evaluate()'s tests)
+from helpers.eval_doubles import CharTokenizer, Output
+from helpers.paths import SHARED_DATA
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+DATA = SHARED_DATA
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,14 +76,14 @@ class _ScriptedEngine:
     def generate(self, prompt_ids, n, max_tokens, temperature, top_p, seed):
         first = "".join(chr(t) for t in prompt_ids[0])
         answers = next(a for problem, a in self.answers.items() if problem in first)
-        return [_Output(i, f"So the answer is \\boxed{{{answers[i] if j < i % (n + 1) else 'wrong'}}}.", [1] * (3 + j))
+        return [Output(i, f"So the answer is \\boxed{{{answers[i] if j < i % (n + 1) else 'wrong'}}}.", [1] * (3 + j))
                 for i in range(len(prompt_ids)) for j in range(n)]
 
 
 def test_tables_json_and_per_problem_records(tmp_path):
     sets = load_suite("aime24,amc23", DATA, limit=5)
     settings = eval_settings(samples=4, max_tokens=16)
-    results = run_suite(_ScriptedEngine(sets), _CharTokenizer(), sets, settings)
+    results = run_suite(_ScriptedEngine(sets), CharTokenizer(), sets, settings)
     expected_pass1 = sum((i % 5) / 4 for i in range(5)) / 5  # 0, 1/4, 2/4, 3/4, 4/4 correct
     for label in ("aime24", "amc23"):
         assert results[label]["pass@1"] == pytest.approx(expected_pass1)

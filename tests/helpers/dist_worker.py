@@ -21,12 +21,9 @@ SGD_LR = 0.1
 # With SGD the update is lr x the (clipped) gradient, so comparing weights compares gradients.
 
 
-def register_test_reward() -> None:
-    """``distinct_chars``: the share of distinct characters, which varies between random samples."""
-    from fastgrpo.rewards import REWARDS, register_reward
-
-    if "distinct_chars" not in REWARDS:
-        register_reward("distinct_chars")(lambda completions, answers, **ctx: [len(set(c)) / max(1, len(c)) for c in completions])
+if __name__ == "__main__":  # run as a script on each rank: make `helpers` importable as under pytest
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers.trainer_setup import register_test_reward  # noqa: E402
 
 
 def make_config(model_dir, out, *extra):

@@ -14,8 +14,8 @@ import sys
 
 import pytest
 import torch
-from interpreter_run import run_under_interpreter
-from largest_tensor import LargestTensor
+from helpers.interpreter_run import run_under_interpreter
+from helpers.largest_tensor import LargestTensor
 
 from fastgrpo.kernels import fused_grpo_loss, grpo_token_loss, token_logprobs
 from fastgrpo.kernels import fused_grpo as fg

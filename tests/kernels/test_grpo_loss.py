@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from interpreter_run import run_under_interpreter
+from helpers.interpreter_run import run_under_interpreter
 
 from fastgrpo.kernels.grpo_loss import (
     LOSS_AGGREGATIONS,

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from interpreter_run import run_under_interpreter
+from helpers.interpreter_run import run_under_interpreter
 
 from fastgrpo.kernels import fused_grpo_loss, grpo_token_loss
 from fastgrpo.kernels import logprob as lp

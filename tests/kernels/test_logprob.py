@@ -10,8 +10,8 @@ import sys
 
 import pytest
 import torch
-from interpreter_run import run_under_interpreter
-from largest_tensor import LargestTensor
+from helpers.interpreter_run import run_under_interpreter
+from helpers.largest_tensor import LargestTensor
 
 from fastgrpo.kernels import logprob as lp
 from fastgrpo.kernels.logprob import (

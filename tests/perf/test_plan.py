@@ -17,8 +17,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fastgrpo.peak_memory import measure_training_peak, predicted_training_peak
-from fastgrpo.plan import (GIB, GPUS, PRESETS, GpuSpec, activation_bytes, add_plan_arguments, format_plan,
+from fastgrpo.perf.peak_memory import measure_training_peak, predicted_training_peak
+from fastgrpo.perf.plan import (GIB, GPUS, PRESETS, activation_bytes, add_plan_arguments, format_plan,
                            kv_bytes_per_token, loss_working_set_bytes, model_shape, optimizer_state_bytes,
                            plan_memory, run_plan, shape_from_config)
 

@@ -13,7 +13,8 @@ import torch
 
 from fastgrpo.cli import main
 from fastgrpo.phases import PHASES, PhaseTimer
-from fastgrpo.profile import PhaseRecorder, RssPeakProbe, gpu_key, step_flops
+from fastgrpo.perf.profile import PhaseRecorder, RssPeakProbe, gpu_key, step_flops
+from helpers.paths import REPO
 
 MIB = 2**20
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -56,7 +57,7 @@ def test_profile_command_on_the_tiny_model(tiny_model_dir, tmp_path, capsys):
     assert not list((out / "run").glob("checkpoint-*"))  # a profile leaves no 1.6 GB checkpoints behind
 
     # profiling/step_trace.py: the matmuls of the forward phase sit under it, with self times that fit
-    step_trace = _load_script(Path(__file__).resolve().parents[1] / "profiling" / "step_trace.py")
+    step_trace = _load_script(REPO / "profiling" / "step_trace.py")
     table = step_trace.phase_table(step_trace.load_events(out / "trace.json"))
     assert {"rollout", "forward", "backward", "optimizer", "sync"} <= set(table)
     forward = table["forward"]
@@ -129,7 +130,7 @@ def test_training_flops_formula_equals_torch_flop_counter(tiny_model_dir):
     from fastgrpo.kernels import fused_grpo_loss
     from fastgrpo.model import lm_head_weight, load_policy, packed_hidden_states
     from fastgrpo.packing import pack_sequences
-    from fastgrpo.plan import model_shape
+    from fastgrpo.perf.plan import model_shape
 
     def addmm_inplace_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs):
         return 2 * a_shape[0] * a_shape[1] * b_shape[1]  # the fused loss accumulates grad_weight with addmm_

@@ -1,4 +1,4 @@
-"""Tests for fastgrpo.grader: the worker pool (time limits, kills, crashes, memory cap, shutdown), the
+"""Tests for fastgrpo.rewards.grader: the worker pool (time limits, kills, crashes, memory cap, shutdown), the
 in-process mode, and adversarial completions (bounded time, reward 0, nothing executed).
 
 The grading functions below are module-level so that worker processes can import them.
@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from fastgrpo.data import load_problems
-from fastgrpo.grader import Grader, GraderError, shared_grader
+from fastgrpo.data.sources import load_problems
+from fastgrpo.rewards.grader import Grader, GraderError, shared_grader
+from helpers.paths import SHARED_DATA
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+DATA = SHARED_DATA
 TIMEOUT_S = 3.0  # math-verify's own limits inside a worker: 1 s each
 # Slack over the limit for killing and restarting a worker (a fresh interpreter importing
 # math-verify: ~0.5-1 s here) on a loaded 2-core machine. A bound for a hang, not a benchmark.
@@ -82,7 +83,7 @@ def test_pool_and_in_process_agree_on_real_answers():
 
 
 def test_a_gold_parse_cut_short_is_not_cached():
-    from fastgrpo import grader as grader_module
+    from fastgrpo.rewards import grader as grader_module
 
     gold = "{" * 450 + "1" + "}" * 450  # math-verify's parse hits its 1 s limit
     assert grader_module.parse_gold(gold, 1) == ()
@@ -156,7 +157,7 @@ def test_grade_fn_must_be_importable_by_workers():
 
 
 def test_a_worker_that_cannot_start_is_an_error(monkeypatch):
-    monkeypatch.setattr("fastgrpo.grader._WORKER_BOOT", "raise SystemExit(7)")
+    monkeypatch.setattr("fastgrpo.rewards.grader._WORKER_BOOT", "raise SystemExit(7)")
     with Grader(workers=1, timeout_s=TIMEOUT_S) as grader:
         with pytest.raises(GraderError, match="failed to start"):
             grader.grade(["\\boxed{x}"], ["y"])

@@ -1,4 +1,4 @@
-"""Tests for fastgrpo.shaping and its rewards: cosine length (fastgrpo and open-rs compat), n-gram
+"""Tests for fastgrpo.rewards.shaping and its rewards: cosine length (fastgrpo and open-rs compat), n-gram
 repetition, DAPO soft overlong punishment, language drift; the `reward` config section.
 
 Expected values are worked out by hand from the formulas in the docstrings.
@@ -12,7 +12,7 @@ import pytest
 
 from fastgrpo.config import ConfigError, RewardConfig, load_config
 from fastgrpo.rewards import RewardInputError, compute_rewards
-from fastgrpo.shaping import (cosine_scaled, default_overlong_buffer, language_drift_fraction, language_penalty,
+from fastgrpo.rewards.shaping import (cosine_scaled, default_overlong_buffer, language_drift_fraction, language_penalty,
                               non_latin_share, overlong_penalty, repetition_penalty)
 
 SQRT_HALF = math.sqrt(0.5)

