@@ -105,8 +105,10 @@ def _summarize_bench(report: Path) -> str:
     if not path.is_file():
         return "nothing measured (see bench.log)"
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    failed = [f"{r['shape']} {r['label']}" for r in records if "error" in r]
     differ = [f"{r['shape']} {r['label']}" for r in records if r.get("loss_check", "ok") != "ok"]
-    return f"{len(records)} measurements" + (f"; losses differ from naive's: {', '.join(differ)}" if differ else "")
+    return (f"{len(records) - len(failed)} measurements" + (f"; failed: {', '.join(failed)}" if failed else "")
+            + (f"; losses differ from naive's: {', '.join(differ)}" if differ else ""))
 
 
 def _summarize_grpo(report: Path) -> str:

@@ -204,3 +204,5 @@ def test_kernel_bench_shapes_predictions_and_table():
     assert "| s 1 x 2 x 3 | naive | 3 | 1 | 1.50 | 2.5 | 100 | 1.00 | - |" in table
     assert "| s 1 x 2 x 3 | fastgrpo | 2.2 | 1 | 1.10 | 1.9 | 20 | 0.20 | ok |" in table
     assert "| _k | 128 | 0 | 2.0 | 8 | 2 |" in table and note in table
+    failed = {**common, "label": "liger", "error": "ImportError('liger')"}
+    assert "| s 1 x 2 x 3 | liger | failed: ImportError('liger') |" in bench.format_tables(records + [failed], [], "")
