@@ -57,19 +57,12 @@ def repack_installed(distribution: str, dest: Path) -> Path:
 
 
 def make_bundle(folder: Path) -> Path:
-    """A bundle like `make gpu-bundle`'s, made offline: this Python's own pip wheel (ensurepip's)
-    and every other WHEELS entry repacked from this environment, with a manifest for this Python."""
-    import ensurepip
-
+    """A bundle like `make gpu-bundle`'s, made offline: every WHEELS entry (pip too, which the
+    install runs from its wheel) repacked from this environment, with a manifest for this Python."""
     wheels_dir = folder / "wheels"
     wheels_dir.mkdir(parents=True)
-    pip_wheel = next((Path(ensurepip.__file__).parent / "_bundled").glob("pip-*.whl"))
-    wheels = [((wheels_dir / pip_wheel.name), "pip", "the installer")]
-    (wheels_dir / pip_wheel.name).write_bytes(pip_wheel.read_bytes())
-    for requirement, reason in gb.WHEELS:
-        name = requirement.split("==")[0]
-        if name != "pip":
-            wheels.append((repack_installed(name, wheels_dir), requirement, reason))
+    wheels = [(repack_installed(requirement.split("==")[0], wheels_dir), requirement, reason)
+              for requirement, reason in gb.WHEELS]
     gb.write_manifest(folder, wheels, [], python=f"{sys.version_info.major}.{sys.version_info.minor}")
     return folder
 
