@@ -70,7 +70,8 @@ def run(out: Path, scratch: Path, completion_length: int) -> dict:
     lines += ["", f"training peak (forward/backward/optimizer) **{measured / 2**20:,.0f} MiB measured vs "
               f"{predicted / 2**20:,.0f} MiB predicted** by fastgrpo plan (same shape, settings and micro-batch, "
               f"no vLLM, CUDA context left out): {measured / predicted:.2f}x. The rollout phase (transformers "
-              "generate's KV cache) is not in the plan, which models vLLM.", "", profile.format_summary(result)]
+              "generate's KV cache) is not in the plan, which models vLLM.", "",
+              profile.format_summary(result).split("\nwrote ")[0]]  # no chart was drawn
     (out / "grpo.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return summary
