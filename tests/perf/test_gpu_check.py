@@ -7,7 +7,6 @@ import base64
 import hashlib
 import importlib.metadata as md
 import importlib.util
-import json
 import os
 import re
 import subprocess
