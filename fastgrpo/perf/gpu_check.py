@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -146,9 +147,19 @@ def lora_status() -> str:
     return f"skipped: {', '.join(sorted(set(names)))} landed, but no GPU stage exercises it yet"
 
 
+def _kill_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:  # it ended on its own meanwhile
+        pass
+
+
 def run_stage(stage: Stage, report: Path, scratch: Path, limit_s: int) -> Outcome:
     """The stage in its own process group, killed with everything it started at the limit."""
     cmd = [sys.executable, *stage.argv(report, scratch)]
+    # A rerun into the same folder must not mix in the last run's outputs (bench.jsonl appends).
+    shutil.rmtree(report / stage.key, ignore_errors=True)
+    (report / f"{stage.key}.xml").unlink(missing_ok=True)
     started = time.perf_counter()
     with open(report / f"{stage.key}.log", "w") as log:
         log.write(f"$ {' '.join(cmd)}  (limit {limit_s} s)\n")
@@ -161,11 +172,11 @@ def run_stage(stage: Stage, report: Path, scratch: Path, limit_s: int) -> Outcom
             rc = proc.wait(timeout=limit_s)
             status = "passed" if rc == 0 else f"FAILED (exit {rc})"
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGTERM)
+            _kill_group(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(timeout=KILL_GRACE_S)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                _kill_group(proc.pid, signal.SIGKILL)
                 proc.wait()
             status = f"TIMED OUT at {limit_s} s"
     seconds = time.perf_counter() - started

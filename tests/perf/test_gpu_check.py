@@ -142,6 +142,8 @@ def test_every_stage_gets_a_report_line_after_a_failure_and_a_timeout(tmp_path, 
         _stage("bench", "import time; time.sleep(120)", 1),
         _stage("grpo", "print('fine')", 60),
     ))
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "bench.jsonl").write_text('{"stale": "from an earlier run"}\n')
     rc = gpu_check.run_all(tmp_path, ["kernels", "bench", "grpo", "lora"], total_limit_s=200, spent_s=4.0)
     report = (tmp_path / "report.md").read_text()
     assert rc == 1
@@ -151,6 +153,7 @@ def test_every_stage_gets_a_report_line_after_a_failure_and_a_timeout(tmp_path, 
     assert "| install the bundle (scripts/gpu_check_offline.sh) | passed | 4 |" in report
     assert "| d. LoRA and shared prompts | skipped: " in report
     assert (tmp_path / "bench.log").read_text().startswith("$ ")
+    assert not (tmp_path / "bench").exists()  # a rerun does not report the last run's measurements
 
 
 def test_stages_past_the_total_limit_are_skipped_and_reported(tmp_path, monkeypatch):
