@@ -121,9 +121,10 @@ def _summarize_grpo(report: Path) -> str:
             f"{g['predicted_peak_bytes'] / 2**30:.2f} GiB planned ({g['measured_over_predicted']:.2f}x)")
 
 
+# Stage a runs verbose: kernels.log then names every test as it finishes, so a timeout keeps the results so far.
 STAGES = (
     Stage("kernels", "a. Triton kernels vs fp64 on the GPU (fp32/fp16/bf16, both backward forms)", 120,
-          lambda report, scratch: ["-m", "pytest", "tests/kernels/test_triton_gpu.py", "-m", "gpu", "-q",
+          lambda report, scratch: ["-m", "pytest", "tests/kernels/test_triton_gpu.py", "-m", "gpu", "-v",
                                    "-p", "no:cacheprovider", f"--junitxml={report / 'kernels.xml'}"],
           _summarize_kernels),
     Stage("bench", "b. kernel benchmarks: fastgrpo vs naive vs Liger vs matmul floor, with roofline predictions", 150,
