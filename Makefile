@@ -7,14 +7,15 @@ STAMP := $(VENV)/.fastgrpo-installed
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 ARGS ?=
 
-.PHONY: help install train test test-slow test-all bench gpu-check clean-venv
+.PHONY: help install train test test-slow test-all bench gpu-check gpu-bundle clean-venv
 
 help:
 	@echo "make train   - train the embedded default (SmolLM2-135M-Instruct on arithmetic); ARGS='key=value ...'"
 	@echo "make test    - the default test tier (CPU, < 20 min)"
 	@echo "make test-slow - the slow tier (long end-to-end runs)"
 	@echo "make bench   - pytest benchmarks/ --benchmark-only"
-	@echo "make gpu-check - on a CUDA machine: GPU tests, kernel benchmarks, a short GRPO run, one report"
+	@echo "make gpu-check - on a CUDA machine: GPU kernel tests, kernel benchmarks, 3 GRPO steps, one report"
+	@echo "make gpu-bundle - here: the wheels + tokenizer that scripts/gpu_check_offline.sh needs on a GPU machine without network"
 
 install: $(STAMP)
 
@@ -53,8 +54,15 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/pytest benchmarks/ --benchmark-only $(ARGS)
 
+# The stages and their time limits: fastgrpo/perf/gpu_check.py. ARGS="--report-dir DIR --stages kernels,bench".
 gpu-check: $(STAMP)
 	$(PY) -m fastgrpo.perf.gpu_check $(ARGS)
+
+# gpu_bundle/ (ignored by git, carried with the working tree to a lent GPU machine that reaches no package
+# index): the wheels the GPU check needs beyond that machine's image, the default tokenizer, a manifest.
+# There: bash scripts/gpu_check_offline.sh --report-dir DIR (README, "GPU check").
+gpu-bundle: $(STAMP)
+	$(PY) scripts/gpu_bundle.py build --out gpu_bundle
 
 clean-venv:
 	rm -rf $(VENV)
