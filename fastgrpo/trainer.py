@@ -31,7 +31,6 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +47,7 @@ from fastgrpo.eval.suite import eval_settings, load_suite, run_suite, suite_metr
 from fastgrpo.rewards.grader import shared_grader
 from fastgrpo.kernels import fused_grpo_loss
 from fastgrpo.advantages import group_advantages
+from fastgrpo.batch import Rollout, StepBatch
 from fastgrpo.metrics import MetricsLogger, roll_back_metrics
 from fastgrpo.data.sampling import make_sampler
 from fastgrpo.model import (apply_liger_patches, lm_head_weight, load_policy, load_reference, load_tokenizer,
@@ -56,26 +56,10 @@ from fastgrpo.optim import build_optimizer, build_scheduler
 from fastgrpo.packing import pack_sequences, plan_microbatches
 from fastgrpo.phases import PhaseTimer
 from fastgrpo.preflight import check_run
-from fastgrpo.rewards import compute_rewards, pop_reward_metrics
-from fastgrpo.rollout.base import Completion
+from fastgrpo.rewards import combine_reward_metrics, compute_rewards
 from fastgrpo.rollout import make_engine
 
 log = logging.getLogger("fastgrpo")
-
-
-@dataclass
-class Rollout:
-    """One step's samples, flattened: sequence i is ``prompts[prompt_index[i]] + completions[i]``."""
-
-    prompts: list[list[int]]
-    prompt_index: list[int]
-    completions: list[list[int]]
-    sampler_logprobs: list[list[float]]
-    advantages: torch.Tensor  # [B*G] float32
-    truncated: list[bool]  # the completion hit the length limit (finish_reason "length")
-
-    def sequences(self, idx: list[int]) -> tuple[list[list[int]], list[list[int]]]:
-        return [self.prompts[self.prompt_index[i]] for i in idx], [self.completions[i] for i in idx]
 
 
 def pick_device() -> torch.device:
@@ -101,25 +85,6 @@ def longest_completion(cfg: Config) -> int:
     return max([cfg.rollout.max_completion_length, *(length for _, length in cfg.rollout.length_stages)])
 
 
-@dataclass
-class StepBatch:
-    """One step's prompts, completions (grouped by prompt, G each) and their rewards."""
-
-    prompts: list[list[int]]
-    samples: list[Completion]
-    rewards: list[float]
-    per_reward: dict[str, list[float]]
-    stats: dict[str, float]
-
-    def to_rollout(self, cfg: Config) -> Rollout:
-        """The trainer's view: token ids, sampler log-probs and one group-relative advantage each."""
-        rewards = torch.tensor(self.rewards, dtype=torch.float32)
-        s = self.samples
-        return Rollout(self.prompts, [c.prompt_index for c in s], [c.token_ids for c in s], [c.logprobs for c in s],
-                       group_advantages(rewards, cfg.rollout.num_generations, cfg.loss.scale_rewards),
-                       [c.finish_reason == "length" for c in s])
-
-
 def collect_groups(engine, sampler, encode, cfg: Config, step: int, max_tokens: int, timer: PhaseTimer) -> StepBatch:
     """Sample and reward ``rollout.prompts_per_step`` groups of G completions.
 
@@ -131,6 +96,7 @@ def collect_groups(engine, sampler, encode, cfg: Config, step: int, max_tokens: 
     G, want, rounds = cfg.rollout.num_generations, cfg.rollout.prompts_per_step, cfg.rollout.dynamic_sampling_rounds
     informative: list[tuple] = []
     flat: list[tuple] = []
+    rewarded = []  # every round's RewardBatch: the step's reward metrics cover all it graded
     drawn = 0
     for round_ in range(rounds + 1):
         problems = next(sampler)
@@ -141,10 +107,11 @@ def collect_groups(engine, sampler, encode, cfg: Config, step: int, max_tokens: 
         texts = [s.text for s in samples]
         answers = [problems[s.prompt_index]["answer"] for s in samples]
         with timer.phase("reward"):
-            rewards, per_reward, _ = compute_rewards(
+            rewarded.append(compute_rewards(
                 cfg.rewards, texts, answers, settings=cfg.reward, max_completion_length=max_tokens,
                 completion_lengths=[len(s.token_ids) for s in samples],
-                truncated=[s.finish_reason == "length" for s in samples])  # metrics: pop_reward_metrics() at log time
+                truncated=[s.finish_reason == "length" for s in samples]))
+        rewards, per_reward = rewarded[-1].totals, rewarded[-1].per_reward
         drawn += len(problems)
         for j, prompt in enumerate(prompts):
             sl = slice(j * G, (j + 1) * G)
@@ -154,7 +121,7 @@ def collect_groups(engine, sampler, encode, cfg: Config, step: int, max_tokens: 
         if not rounds or len(informative) >= want:
             break
     groups = (informative + flat)[:want] if rounds else informative
-    batch = StepBatch([], [], [], {k: [] for k in groups[0][3]}, {})
+    batch = StepBatch([], [], [], {k: [] for k in groups[0][3]}, reward_metrics=combine_reward_metrics(rewarded))
     for j, (prompt, group_samples, group_rewards, group_per_reward) in enumerate(groups):
         batch.prompts.append(prompt)
         batch.samples.extend(dataclasses.replace(s, prompt_index=j) for s in group_samples)
@@ -271,7 +238,7 @@ def train(cfg: Config, resume: bool = False, timer: PhaseTimer | None = None) ->
             samples = batch.samples
             # 3. group-relative advantage, one value per completion
             reward_t = torch.tensor(batch.rewards, dtype=torch.float32)
-            rollout = batch.to_rollout(cfg)
+            rollout = batch.to_rollout(group_advantages(reward_t, cfg.rollout.num_generations, cfg.loss.scale_rewards))
 
             # 4.-6. pack, log-probs, loss, optimizer step(s)
             engine.sleep()
@@ -300,7 +267,7 @@ def train(cfg: Config, resume: bool = False, timer: PhaseTimer | None = None) ->
                 "reward_mean": reward_t.mean().item(),
                 "reward_std": reward_t.std().item(),
                 **{f"reward_{k}": sum(v) / len(v) for k, v in per_reward.items()},
-                **pop_reward_metrics(),  # grader_timeouts/_crashes/_errors, reward_failures_<name>, lang_drift_frac
+                **batch.reward_metrics,  # grader_timeouts/_crashes/_errors, reward_failures_<name>, lang_drift_frac
                 "accuracy": _mean(per_reward.get("accuracy")),
                 "format_rate": _mean(per_reward.get("format")),
                 "completion_len_mean": n_tokens / len(rollout.completions),

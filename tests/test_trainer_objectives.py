@@ -11,7 +11,8 @@ from fastgrpo.config import load_config
 from fastgrpo.model import load_policy, packed_token_logprobs
 from fastgrpo.optim import build_optimizer
 from fastgrpo.packing import pack_sequences
-from fastgrpo.trainer import Rollout, grpo_update
+from fastgrpo.batch import Rollout
+from fastgrpo.trainer import grpo_update
 
 CAP = 2.0
 
