@@ -274,8 +274,7 @@ def train(cfg: Config, resume: bool = False, timer: PhaseTimer | None = None) ->
                 "truncated_frac": sum(rollout.truncated) / len(samples),
                 "max_completion_length": max_tokens,
                 **batch.stats,
-                **stats,
-                "lr": scheduler.get_last_lr()[0],
+                **stats,  # lr among them: the rate this step's update used
                 **phase_s, "train_s": train_s, "step_s": step_s,
                 "completion_tokens": n_tokens,
                 "tokens_per_s": n_tokens / step_s,
@@ -382,8 +381,9 @@ def grpo_update(policy, reference, optimizer, rollout: Rollout, cfg: Config, dev
         if it == 0:
             denom = all_tokens
             stats.update({name: (v / denom if _is_mean(name) else v) for name, v in sums.items()})
+            # The caller steps the scheduler after this update: the rate read now is the one it used.
             stats.update(loss=loss_total, grad_norm=grad_norm, entropy_mean=entropy_sum / denom,
-                         logprob_mismatch=mismatch_sum / denom)
+                         logprob_mismatch=mismatch_sum / denom, lr=optimizer.param_groups[0]["lr"])
     optimizer.zero_grad(set_to_none=True)
     return stats
 
