@@ -46,6 +46,7 @@ from fastgrpo.eval.evaluate import evaluate
 from fastgrpo.eval.suite import eval_settings, load_suite, run_suite, suite_metrics, write_report
 from fastgrpo.rewards.grader import shared_grader
 from fastgrpo.kernels import fused_grpo_loss
+from fastgrpo.kernels.grpo_loss import RATIO_UNIT_METRIC_NAMES
 from fastgrpo.advantages import group_advantages
 from fastgrpo.batch import Rollout, StepBatch
 from fastgrpo.metrics import MetricsLogger, roll_back_metrics
@@ -320,7 +321,11 @@ def grpo_update(policy, reference, optimizer, rollout: Rollout, cfg: Config, dev
     kept = [i for i, cut in enumerate(rollout.truncated) if not (cfg.loss.mask_truncated and cut)]
     n_seqs = max(1, len(kept))
     n_tokens = max(1, sum(len(rollout.completions[i]) for i in kept))
-    all_tokens = max(1, sum(len(c) for c in rollout.completions))  # metrics are means over every token
+    all_tokens = max(1, sum(len(c) for c in rollout.completions))  # entropy and mismatch: over every token
+    # The loss metrics are means over what the loss kept: kept tokens, or the ratio's units (kept
+    # sequences with a token, at the sequence level); see _metric_counts.
+    sequence_level = cfg.loss.importance_sampling_level == "sequence"
+    kept_counts = _metric_counts(rollout, kept, sequence_level)
     rollout = distributed.local_rollout(rollout)
     lengths = [len(rollout.prompts[p]) + len(c) for p, c in zip(rollout.prompt_index, rollout.completions)]
     plans = distributed.same_microbatch_count(plan_microbatches(lengths, cfg.train.max_tokens_per_microbatch), lengths)
@@ -364,7 +369,8 @@ def grpo_update(policy, reference, optimizer, rollout: Rollout, cfg: Config, dev
             with timer.phase("backward"):
                 loss.backward()
             loss_total += loss.item()
-            _accumulate(sums, metrics, weight=batch.targets.numel())
+            kept_here = [i for i in idx if not (lo.mask_truncated and rollout.truncated[i])]
+            _accumulate(sums, metrics, _metric_counts(rollout, kept_here, sequence_level))
             entropy_sum += entropy.sum().item()
             if it == 0:
                 # The rollout was sampled with exactly these weights: any gap is sync or numerics.
@@ -379,11 +385,10 @@ def grpo_update(policy, reference, optimizer, rollout: Rollout, cfg: Config, dev
                 log.warning("non-finite loss (%s) or grad norm (%s): update skipped", loss_total, grad_norm)
                 stats["skipped_steps"] = stats.get("skipped_steps", 0.0) + 1
         if it == 0:
-            denom = all_tokens
-            stats.update({name: (v / denom if _is_mean(name) else v) for name, v in sums.items()})
+            stats.update(_finish_metrics(sums, kept_counts))
             # The caller steps the scheduler after this update: the rate read now is the one it used.
-            stats.update(loss=loss_total, grad_norm=grad_norm, entropy_mean=entropy_sum / denom,
-                         logprob_mismatch=mismatch_sum / denom, lr=optimizer.param_groups[0]["lr"])
+            stats.update(loss=loss_total, grad_norm=grad_norm, entropy_mean=entropy_sum / all_tokens,
+                         logprob_mismatch=mismatch_sum / all_tokens, lr=optimizer.param_groups[0]["lr"])
     optimizer.zero_grad(set_to_none=True)
     return stats
 
@@ -413,18 +418,38 @@ def run_eval(engine, tokenizer, problems, cfg: Config, *, step: int, logger: Met
     return metrics
 
 
-def _is_mean(name: str) -> bool:
-    return not (name.endswith("_max") or name.endswith("_min"))
+def _metric_counts(rollout: Rollout, kept, sequence_level: bool) -> tuple[int, int]:
+    """(kept tokens, kept ratio units) of the sequences ``kept``: what the loss metrics are means over.
+    Units are tokens at the token level and sequences with a token at the sequence level (GSPO)."""
+    tokens = sum(len(rollout.completions[i]) for i in kept)
+    return tokens, (sum(1 for i in kept if rollout.completions[i]) if sequence_level else tokens)
 
 
-def _accumulate(sums: dict[str, float], metrics: dict[str, float], weight: int) -> None:
-    """Token-weighted sums of a micro-batch's mean metrics; running max/min of the extremes."""
+def _accumulate(sums: dict[str, float], metrics: dict[str, float], counts: tuple[int, int]) -> None:
+    """Add one micro-batch's loss metrics: each mean times what it is a mean over (``counts``: its
+    kept tokens and ratio units), so that masked tokens weigh nothing; running max/min of the
+    extremes over micro-batches that kept a unit (an empty one reports 0.0 there: skipped)."""
+    tokens, units = counts
     for name, value in metrics.items():
-        if _is_mean(name):
-            sums[name] = sums.get(name, 0.0) + value * weight
+        if name.endswith(("_max", "_min")):
+            pick, none = (max, -math.inf) if name.endswith("_max") else (min, math.inf)
+            sums[name] = pick(sums.get(name, none), value if units else none)
         else:
-            pick = max if name.endswith("_max") else min
-            sums[name] = pick(sums.get(name, value), value)
+            sums[name] = sums.get(name, 0.0) + value * (units if name in RATIO_UNIT_METRIC_NAMES else tokens)
+
+
+def _finish_metrics(sums: dict[str, float], counts: tuple[int, int]) -> dict[str, float]:
+    """The step's loss metrics from the summed ``_accumulate`` sums and the global kept counts; NaN
+    when the loss kept nothing (every completion masked)."""
+    tokens, units = counts
+    out = {}
+    for name, value in sums.items():
+        if name.endswith(("_max", "_min")):
+            out[name] = value if math.isfinite(value) else math.nan
+        else:
+            count = units if name in RATIO_UNIT_METRIC_NAMES else tokens
+            out[name] = value / count if count else math.nan
+    return out
 
 
 def _mean(values: list[float] | None) -> float:

@@ -51,7 +51,7 @@ from .grpo_sequence import SequenceLossFunction, compute_dtype, sequence_loss_to
 
 __all__ = [
     "GRPOLossFunction", "GRPOLossParams", "IMPORTANCE_SAMPLING_LEVELS", "LOSS_AGGREGATIONS", "LossInputs",
-    "METRIC_NAMES", "NUM_STATS", "PackedBatch", "TIS_METRIC_NAMES", "finish_metrics", "grpo_loss_backward",
+    "METRIC_NAMES", "NUM_STATS", "PackedBatch", "RATIO_UNIT_METRIC_NAMES", "TIS_METRIC_NAMES", "finish_metrics", "grpo_loss_backward",
     "grpo_loss_backward_torch", "grpo_loss_forward", "grpo_loss_forward_torch", "grpo_token_loss",
     "kl_grad_torch", "loss_grad", "loss_value", "prepare_loss_inputs", "sequence_ids", "tis_weights",
     "token_scales", "triton_configs", "zero_metrics",
@@ -62,6 +62,9 @@ IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 METRIC_NAMES = ("clip_low_frac", "clip_high_frac", "clip_frac", "kl_mean",
                 "ratio_mean", "ratio_max", "ratio_min")
 TIS_METRIC_NAMES = ("tis_weight_mean", "tis_clipped_frac")  # present when tis_cap > 0
+# The metrics over the ratio's units (weighted tokens, or sequences with weight at the sequence
+# level); the others (kl_mean, TIS_METRIC_NAMES) are over weighted tokens at every level.
+RATIO_UNIT_METRIC_NAMES = ("clip_low_frac", "clip_high_frac", "clip_frac", "ratio_mean", "ratio_max", "ratio_min")
 
 
 # -------- The same math in torch, and the autograd Function ---------------------------------------
