@@ -364,7 +364,7 @@ def grpo_update(policy, reference, optimizer, rollout: Rollout, cfg: Config, dev
                     max_completion_length=max_completion_length or cfg.rollout.max_completion_length,
                     num_sequences=n_seqs, num_tokens=n_tokens, num_microbatches=n_microbatches, return_entropy=True,
                     importance_sampling_level=lo.importance_sampling_level, sampler_logp=sampler_lp,
-                    tis_cap=lo.tis_cap, sequence_mask=keep,
+                    tis_cap=lo.tis_cap, sequence_mask=keep, advantage_level="sequence",
                 )
             with timer.phase("backward"):
                 loss.backward()
