@@ -66,7 +66,8 @@ def test_one_grpo_step(benchmark, model_dir):
         started = time.perf_counter()
         batch = collect_groups(engine, sampler, encode, cfg, len(rounds) + 1, MAX_TOKENS, timer)
         rewards = torch.tensor(batch.rewards, dtype=torch.float32)
-        rollout = batch.to_rollout(group_advantages(rewards, cfg.rollout.num_generations, cfg.loss.scale_rewards))
+        advantages = group_advantages(rewards, cfg.rollout.num_generations, cfg.loss.scale_rewards)
+        rollout = batch.to_rollout(advantages)
         grpo_update(policy, None, optimizer, rollout, cfg, device, timer, MAX_TOKENS)
         with timer.phase("sync"):
             engine.sync_weights(policy)

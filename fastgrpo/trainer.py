@@ -57,7 +57,7 @@ from fastgrpo.optim import build_optimizer, build_scheduler
 from fastgrpo.packing import pack_sequences, plan_microbatches
 from fastgrpo.phases import PhaseTimer
 from fastgrpo.preflight import check_run
-from fastgrpo.rewards import combine_reward_metrics, compute_rewards
+from fastgrpo.rewards import RewardBatch, combine_reward_metrics, compute_rewards
 from fastgrpo.rollout import make_engine
 
 log = logging.getLogger("fastgrpo")
@@ -97,7 +97,7 @@ def collect_groups(engine, sampler, encode, cfg: Config, step: int, max_tokens: 
     G, want, rounds = cfg.rollout.num_generations, cfg.rollout.prompts_per_step, cfg.rollout.dynamic_sampling_rounds
     informative: list[tuple] = []
     flat: list[tuple] = []
-    rewarded = []  # every round's RewardBatch: the step's reward metrics cover all it graded
+    rewarded: list[RewardBatch] = []  # every round's: the step's reward metrics cover all it graded
     drawn = 0
     for round_ in range(rounds + 1):
         problems = next(sampler)
@@ -239,7 +239,8 @@ def train(cfg: Config, resume: bool = False, timer: PhaseTimer | None = None) ->
             samples = batch.samples
             # 3. group-relative advantage, one value per completion
             reward_t = torch.tensor(batch.rewards, dtype=torch.float32)
-            rollout = batch.to_rollout(group_advantages(reward_t, cfg.rollout.num_generations, cfg.loss.scale_rewards))
+            advantages = group_advantages(reward_t, cfg.rollout.num_generations, cfg.loss.scale_rewards)
+            rollout = batch.to_rollout(advantages)
 
             # 4.-6. pack, log-probs, loss, optimizer step(s)
             engine.sleep()
