@@ -4,7 +4,7 @@ decoder + fused loss), backward, AdamW, weight sync, on the tiny random model (o
 
     pytest benchmarks/bench_step.py --benchmark-only
 
-The step is fastgrpo.trainer.train's loop body (collect_groups -> to_rollout (advantages) -> grpo_update ->
+The step is fastgrpo.trainer.train's loop body (collect_groups -> group_advantages -> to_rollout -> grpo_update ->
 sync_weights) with the transformers engine over the fp32 policy (no engine start, no weight copy),
 timed by the same PhaseTimer and RSS probe as ``fastgrpo profile``. Each round is one step (the
 weights move between rounds, as in training); extra_info holds per phase the median seconds and the
@@ -22,6 +22,7 @@ import pytest
 import torch
 from bench_rollout import _tiny_model
 
+from fastgrpo.advantages import group_advantages
 from fastgrpo.config import load_config
 from fastgrpo.data.prompts import build_messages, encode_prompt
 from fastgrpo.data.problems import load_training_data
@@ -64,7 +65,9 @@ def test_one_grpo_step(benchmark, model_dir):
     def step() -> None:
         started = time.perf_counter()
         batch = collect_groups(engine, sampler, encode, cfg, len(rounds) + 1, MAX_TOKENS, timer)
-        rollout = batch.to_rollout(cfg)
+        rewards = torch.tensor(batch.rewards, dtype=torch.float32)
+        advantages = group_advantages(rewards, cfg.rollout.num_generations, cfg.loss.scale_rewards)
+        rollout = batch.to_rollout(advantages)
         grpo_update(policy, None, optimizer, rollout, cfg, device, timer, MAX_TOKENS)
         with timer.phase("sync"):
             engine.sync_weights(policy)

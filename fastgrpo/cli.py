@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from fastgrpo.config import ConfigError, load_config
+from fastgrpo.config import ConfigError, config_from_dict, load_config
 
 log = logging.getLogger("fastgrpo")
 
@@ -26,26 +26,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     from fastgrpo import checkpoint as ckpt
 
     overrides = list(args.overrides)
-    config_file = args.config
     if args.resume:
-        latest = ckpt.latest_checkpoint(args.resume)
-        if latest is None:
-            raise ConfigError(f"--resume {args.resume}: no complete checkpoint-<step> folder there")
-        # The run continues with the config it started with; command-line overrides still apply.
-        saved = ckpt.load_trainer_state(latest)["config"]
-        import yaml
-
-        # One file per process: under torchrun every rank resumes at once.
-        config_file = Path(args.resume) / f"resume_config.rank{os.environ.get('RANK', '0')}.yaml"
-        tmp = config_file.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(yaml.safe_dump(saved))
-        os.replace(tmp, config_file)
         overrides.append(f"log.output_dir={args.resume}")
     if args.output_dir:
         overrides.append(f"log.output_dir={args.output_dir}")
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
-    cfg = load_config(config_file, overrides)
+    if args.resume:
+        latest = ckpt.latest_checkpoint(args.resume)
+        if latest is None:
+            raise ConfigError(f"--resume {args.resume}: no complete checkpoint-<step> folder there")
+        # The run continues with the config it started with (read from the checkpoint, nothing is
+        # written); command-line overrides still apply.
+        saved = ckpt.load_trainer_state(latest).get("config")
+        if saved is None:
+            raise ConfigError(f"--resume {args.resume}: {latest / ckpt.STATE_FILE} holds no 'config'")
+        try:
+            config_from_dict(saved)  # an error in the saved config names its file; one in an override, the key
+        except ConfigError as exc:
+            raise ConfigError(f"--resume {args.resume}: the config saved in {latest / ckpt.STATE_FILE}: {exc}") from None
+        cfg = config_from_dict(saved, overrides)
+    else:
+        cfg = load_config(args.config, overrides)
 
     from fastgrpo.trainer import train
 

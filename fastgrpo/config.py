@@ -329,7 +329,7 @@ def parse_override(item: str) -> dict[str, Any]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults <- YAML file <- ``key=value`` overrides, validated."""
-    data = to_dict(Config())
+    loaded: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -344,12 +344,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             _build(Config, loaded, "")  # names the file's own bad key before merging
         except ConfigError as exc:
             raise ConfigError(f"{_file_line(path, exc)}: {exc}") from None
-        data = _merge(data, loaded)
-    for item in overrides:
-        data = _merge(data, parse_override(item))
-    cfg = _build(Config, data, "")
     try:
-        validate(cfg)
+        return config_from_dict(loaded, overrides)
     except ConfigError as exc:
         # A cross-field error about a key that the file sets (and no override replaces) points at its line.
         key = _key_of(str(exc))
@@ -357,6 +353,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if path is None or overridden or _yaml_line(path.read_text(), key) is None:
             raise
         raise ConfigError(f"{_file_line(path, exc)}: {exc}") from None
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- ``data`` (sections of keys, as ``to_dict`` writes them, e.g. a checkpoint's saved
+    config) <- ``key=value`` overrides, validated as ``load_config`` validates a file; errors name the key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(data).__name__}")
+    merged = _merge(to_dict(Config()), data)
+    for item in overrides:
+        merged = _merge(merged, parse_override(item))
+    cfg = _build(Config, merged, "")
+    validate(cfg)
     return cfg
 
 

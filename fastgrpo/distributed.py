@@ -31,7 +31,6 @@ How a step is split (the design choices):
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import logging
 import os
@@ -42,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from fastgrpo import checkpoint as ckpt
+from fastgrpo.batch import Rollout
 from fastgrpo.config import Config, ConfigError
 
 log = logging.getLogger("fastgrpo")
@@ -187,24 +187,13 @@ def split_sequences(lengths: list[int], ranks: int) -> list[list[int]]:
     return [sorted(p) for p in parts]
 
 
-def local_rollout(rollout: Any) -> Any:
-    """This rank's share of a global Rollout (all of it on one process).
-
-    Per-sequence fields (lists, and tensors whose first dimension is the number of sequences) are
-    indexed by ``split_sequences``; ``prompts`` stays whole, so ``prompt_index`` keeps its meaning.
-    """
+def local_rollout(rollout: Rollout) -> Rollout:
+    """This rank's share of a global Rollout (all of it on one process): the sequences
+    ``split_sequences`` gives this rank, selected with ``Rollout.select``."""
     if not is_distributed():
         return rollout
-    n = len(rollout.completions)
     lengths = [len(rollout.prompts[p]) + len(c) for p, c in zip(rollout.prompt_index, rollout.completions)]
-    mine = split_sequences(lengths, world_size())[rank()]
-    changes = {}
-    for f in dataclasses.fields(rollout):
-        value = getattr(rollout, f.name)
-        if f.name == "prompts" or not hasattr(value, "__len__") or len(value) != n:
-            continue
-        changes[f.name] = value[torch.tensor(mine)] if isinstance(value, torch.Tensor) else [value[i] for i in mine]
-    return dataclasses.replace(rollout, **changes)
+    return rollout.select(split_sequences(lengths, world_size())[rank()])
 
 
 def same_microbatch_count(plans: list[list[int]], lengths: list[int]) -> list[list[int]]:

@@ -5,8 +5,10 @@
 reference of ``loss.beta > 0`` comes from it too); every dataset exists, loads and has valid rows
 (a bad row is named by file and line); and the longest prompt plus the longest completion fits
 the model (``max_position_embeddings`` of its config.json), ``rollout.max_model_len`` and
-``train.max_tokens_per_microbatch``. Each failure is one ConfigError naming the key, the file and
-what is allowed, raised in seconds instead of after minutes of model loading and sampling.
+``train.max_tokens_per_microbatch``; and the model's logits are its LM head's output unchanged (the
+fused head computes ``log_softmax(hidden @ W.T / temperature)`` and nothing else). Each failure is
+one ConfigError naming the key, the file and what is allowed, raised in seconds instead of after
+minutes of model loading and sampling.
 
 The default model is not converted for the check: before its first conversion the prompt's share
 of the length checks is skipped (no tokenizer yet) and the model's limit is the embedded GGUF's.
@@ -15,6 +17,7 @@ of the length checks is skipped (no tokenizer yet) and the model's limit is the 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +49,8 @@ def check_run(cfg: Config) -> RunShape:
         except ValueError as exc:
             raise ConfigError(f"rewards.{name}: {exc}") from None
     folder, max_len = _check_model(cfg)
+    if folder is not None:  # the default model (SmolLM2, Llama) does not post-process its logits
+        check_logits_are_the_heads(folder, f"model.path={cfg.model.path!r}")
     problems = _check_data(cfg)
     if folder is None:
         return RunShape(None, max_len, problems["train"], problems["held_out"])
@@ -73,6 +78,48 @@ def _check_model(cfg: Config) -> tuple[Path | None, int | None]:
         raise ConfigError(f"model.path={cfg.model.path!r}: {exc}.{also} Allowed: 'default' (the embedded "
                           "SmolLM2-135M-Instruct) or a local Hugging Face model folder with config.json") from None
     return folder, max_len
+
+
+# config.json attributes of architectures that post-process the LM head's output before the softmax,
+# each with the value that leaves the logits as they are (from the transformers modeling code):
+# Gemma 2 (and Gemma 3 when set) cap them (c * tanh(logits / c)), Granite and HyperCLOVA X divide or multiply them by
+# logits_scaling, Cohere multiplies by logit_scale, Falcon-H1 by lm_head_multiplier. vLLM samples
+# from the post-processed logits; the fused head would compute log-probs of the raw ones: wrong
+# ratios, KL and gradients, without an error.
+LOGIT_POSTPROCESSING: dict[str, float | None] = {
+    "final_logit_softcapping": None, "logits_scaling": 1.0, "logit_scale": 1.0, "lm_head_multiplier": 1.0,
+}
+
+
+def check_logits_are_the_heads(folder: Path, key: str) -> None:
+    """ConfigError naming ``key``, the model folder and the attribute when the model in ``folder``
+    post-processes its logits (LOGIT_POSTPROCESSING). Reads the config only, with its class's
+    defaults for what config.json leaves out (Cohere's logit_scale is one: 0.0625); multimodal
+    configs nest the language model's under ``text_config``."""
+    config = _config_dict(Path(folder))
+    sections = [("", config)]
+    if isinstance(config.get("text_config"), dict):
+        sections.append(("text_config.", config["text_config"]))
+    for prefix, section in sections:
+        for attribute, plain in LOGIT_POSTPROCESSING.items():
+            if section.get(attribute, plain) != plain:
+                allowed = ", ".join(f"{a}={json.dumps(v)}" for a, v in LOGIT_POSTPROCESSING.items())
+                raise ConfigError(
+                    f"{key}: the model in {folder} has {prefix}{attribute}={json.dumps(section[attribute])} "
+                    f"(config.json or its class's default): it post-processes its logits, which fastgrpo's fused "
+                    f"LM head does not, so its log-probs would not be those of the model that samples. Allowed: "
+                    f"a model that leaves its logits as they are ({allowed})")
+
+
+def _config_dict(folder: Path) -> dict:
+    """The model's config as a dict, class defaults included; config.json as it is for a model type
+    this transformers does not know."""
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(folder).to_dict()
+    except (ValueError, KeyError, OSError):
+        return json.loads((folder / "config.json").read_text())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,7 +31,6 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +46,9 @@ from fastgrpo.eval.evaluate import evaluate
 from fastgrpo.eval.suite import eval_settings, load_suite, run_suite, suite_metrics, write_report
 from fastgrpo.rewards.grader import shared_grader
 from fastgrpo.kernels import fused_grpo_loss
+from fastgrpo.kernels.grpo_loss import RATIO_UNIT_METRIC_NAMES
 from fastgrpo.advantages import group_advantages
+from fastgrpo.batch import Rollout, StepBatch
 from fastgrpo.metrics import MetricsLogger, roll_back_metrics
 from fastgrpo.data.sampling import make_sampler
 from fastgrpo.model import (apply_liger_patches, lm_head_weight, load_policy, load_reference, load_tokenizer,
@@ -56,26 +57,10 @@ from fastgrpo.optim import build_optimizer, build_scheduler
 from fastgrpo.packing import pack_sequences, plan_microbatches
 from fastgrpo.phases import PhaseTimer
 from fastgrpo.preflight import check_run
-from fastgrpo.rewards import compute_rewards, pop_reward_metrics
-from fastgrpo.rollout.base import Completion
+from fastgrpo.rewards import RewardBatch, combine_reward_metrics, compute_rewards
 from fastgrpo.rollout import make_engine
 
 log = logging.getLogger("fastgrpo")
-
-
-@dataclass
-class Rollout:
-    """One step's samples, flattened: sequence i is ``prompts[prompt_index[i]] + completions[i]``."""
-
-    prompts: list[list[int]]
-    prompt_index: list[int]
-    completions: list[list[int]]
-    sampler_logprobs: list[list[float]]
-    advantages: torch.Tensor  # [B*G] float32
-    truncated: list[bool]  # the completion hit the length limit (finish_reason "length")
-
-    def sequences(self, idx: list[int]) -> tuple[list[list[int]], list[list[int]]]:
-        return [self.prompts[self.prompt_index[i]] for i in idx], [self.completions[i] for i in idx]
 
 
 def pick_device() -> torch.device:
@@ -101,25 +86,6 @@ def longest_completion(cfg: Config) -> int:
     return max([cfg.rollout.max_completion_length, *(length for _, length in cfg.rollout.length_stages)])
 
 
-@dataclass
-class StepBatch:
-    """One step's prompts, completions (grouped by prompt, G each) and their rewards."""
-
-    prompts: list[list[int]]
-    samples: list[Completion]
-    rewards: list[float]
-    per_reward: dict[str, list[float]]
-    stats: dict[str, float]
-
-    def to_rollout(self, cfg: Config) -> Rollout:
-        """The trainer's view: token ids, sampler log-probs and one group-relative advantage each."""
-        rewards = torch.tensor(self.rewards, dtype=torch.float32)
-        s = self.samples
-        return Rollout(self.prompts, [c.prompt_index for c in s], [c.token_ids for c in s], [c.logprobs for c in s],
-                       group_advantages(rewards, cfg.rollout.num_generations, cfg.loss.scale_rewards),
-                       [c.finish_reason == "length" for c in s])
-
-
 def collect_groups(engine, sampler, encode, cfg: Config, step: int, max_tokens: int, timer: PhaseTimer) -> StepBatch:
     """Sample and reward ``rollout.prompts_per_step`` groups of G completions.
 
@@ -131,6 +97,7 @@ def collect_groups(engine, sampler, encode, cfg: Config, step: int, max_tokens: 
     G, want, rounds = cfg.rollout.num_generations, cfg.rollout.prompts_per_step, cfg.rollout.dynamic_sampling_rounds
     informative: list[tuple] = []
     flat: list[tuple] = []
+    rewarded: list[RewardBatch] = []  # every round's: the step's reward metrics cover all it graded
     drawn = 0
     for round_ in range(rounds + 1):
         problems = next(sampler)
@@ -141,10 +108,11 @@ def collect_groups(engine, sampler, encode, cfg: Config, step: int, max_tokens: 
         texts = [s.text for s in samples]
         answers = [problems[s.prompt_index]["answer"] for s in samples]
         with timer.phase("reward"):
-            rewards, per_reward, _ = compute_rewards(
+            rewarded.append(compute_rewards(
                 cfg.rewards, texts, answers, settings=cfg.reward, max_completion_length=max_tokens,
                 completion_lengths=[len(s.token_ids) for s in samples],
-                truncated=[s.finish_reason == "length" for s in samples])  # metrics: pop_reward_metrics() at log time
+                truncated=[s.finish_reason == "length" for s in samples]))
+        rewards, per_reward = rewarded[-1].totals, rewarded[-1].per_reward
         drawn += len(problems)
         for j, prompt in enumerate(prompts):
             sl = slice(j * G, (j + 1) * G)
@@ -154,7 +122,7 @@ def collect_groups(engine, sampler, encode, cfg: Config, step: int, max_tokens: 
         if not rounds or len(informative) >= want:
             break
     groups = (informative + flat)[:want] if rounds else informative
-    batch = StepBatch([], [], [], {k: [] for k in groups[0][3]}, {})
+    batch = StepBatch([], [], [], {k: [] for k in groups[0][3]}, reward_metrics=combine_reward_metrics(rewarded))
     for j, (prompt, group_samples, group_rewards, group_per_reward) in enumerate(groups):
         batch.prompts.append(prompt)
         batch.samples.extend(dataclasses.replace(s, prompt_index=j) for s in group_samples)
@@ -271,7 +239,8 @@ def train(cfg: Config, resume: bool = False, timer: PhaseTimer | None = None) ->
             samples = batch.samples
             # 3. group-relative advantage, one value per completion
             reward_t = torch.tensor(batch.rewards, dtype=torch.float32)
-            rollout = batch.to_rollout(cfg)
+            advantages = group_advantages(reward_t, cfg.rollout.num_generations, cfg.loss.scale_rewards)
+            rollout = batch.to_rollout(advantages)
 
             # 4.-6. pack, log-probs, loss, optimizer step(s)
             engine.sleep()
@@ -300,15 +269,14 @@ def train(cfg: Config, resume: bool = False, timer: PhaseTimer | None = None) ->
                 "reward_mean": reward_t.mean().item(),
                 "reward_std": reward_t.std().item(),
                 **{f"reward_{k}": sum(v) / len(v) for k, v in per_reward.items()},
-                **pop_reward_metrics(),  # grader_timeouts/_crashes/_errors, reward_failures_<name>, lang_drift_frac
+                **batch.reward_metrics,  # grader_timeouts/_crashes/_errors, reward_failures_<name>, lang_drift_frac
                 "accuracy": _mean(per_reward.get("accuracy")),
                 "format_rate": _mean(per_reward.get("format")),
                 "completion_len_mean": n_tokens / len(rollout.completions),
                 "truncated_frac": sum(rollout.truncated) / len(samples),
                 "max_completion_length": max_tokens,
                 **batch.stats,
-                **stats,
-                "lr": scheduler.get_last_lr()[0],
+                **stats,  # lr among them: the rate this step's update used
                 **phase_s, "train_s": train_s, "step_s": step_s,
                 "completion_tokens": n_tokens,
                 "tokens_per_s": n_tokens / step_s,
@@ -354,7 +322,11 @@ def grpo_update(policy, reference, optimizer, rollout: Rollout, cfg: Config, dev
     kept = [i for i, cut in enumerate(rollout.truncated) if not (cfg.loss.mask_truncated and cut)]
     n_seqs = max(1, len(kept))
     n_tokens = max(1, sum(len(rollout.completions[i]) for i in kept))
-    all_tokens = max(1, sum(len(c) for c in rollout.completions))  # metrics are means over every token
+    all_tokens = max(1, sum(len(c) for c in rollout.completions))  # entropy and mismatch: over every token
+    # The loss metrics are means over what the loss kept: kept tokens, or the ratio's units (kept
+    # sequences with a token, at the sequence level); see _metric_counts.
+    sequence_level = cfg.loss.importance_sampling_level == "sequence"
+    kept_counts = _metric_counts(rollout, kept, sequence_level)
     rollout = distributed.local_rollout(rollout)
     lengths = [len(rollout.prompts[p]) + len(c) for p, c in zip(rollout.prompt_index, rollout.completions)]
     plans = distributed.same_microbatch_count(plan_microbatches(lengths, cfg.train.max_tokens_per_microbatch), lengths)
@@ -393,12 +365,13 @@ def grpo_update(policy, reference, optimizer, rollout: Rollout, cfg: Config, dev
                     max_completion_length=max_completion_length or cfg.rollout.max_completion_length,
                     num_sequences=n_seqs, num_tokens=n_tokens, num_microbatches=n_microbatches, return_entropy=True,
                     importance_sampling_level=lo.importance_sampling_level, sampler_logp=sampler_lp,
-                    tis_cap=lo.tis_cap, sequence_mask=keep,
+                    tis_cap=lo.tis_cap, sequence_mask=keep, advantage_level="sequence",
                 )
             with timer.phase("backward"):
                 loss.backward()
             loss_total += loss.item()
-            _accumulate(sums, metrics, weight=batch.targets.numel())
+            kept_here = [i for i in idx if not (lo.mask_truncated and rollout.truncated[i])]
+            _accumulate(sums, metrics, _metric_counts(rollout, kept_here, sequence_level))
             entropy_sum += entropy.sum().item()
             if it == 0:
                 # The rollout was sampled with exactly these weights: any gap is sync or numerics.
@@ -413,10 +386,10 @@ def grpo_update(policy, reference, optimizer, rollout: Rollout, cfg: Config, dev
                 log.warning("non-finite loss (%s) or grad norm (%s): update skipped", loss_total, grad_norm)
                 stats["skipped_steps"] = stats.get("skipped_steps", 0.0) + 1
         if it == 0:
-            denom = all_tokens
-            stats.update({name: (v / denom if _is_mean(name) else v) for name, v in sums.items()})
-            stats.update(loss=loss_total, grad_norm=grad_norm, entropy_mean=entropy_sum / denom,
-                         logprob_mismatch=mismatch_sum / denom)
+            stats.update(_finish_metrics(sums, kept_counts))
+            # The caller steps the scheduler after this update: the rate read now is the one it used.
+            stats.update(loss=loss_total, grad_norm=grad_norm, entropy_mean=entropy_sum / all_tokens,
+                         logprob_mismatch=mismatch_sum / all_tokens, lr=optimizer.param_groups[0]["lr"])
     optimizer.zero_grad(set_to_none=True)
     return stats
 
@@ -446,18 +419,38 @@ def run_eval(engine, tokenizer, problems, cfg: Config, *, step: int, logger: Met
     return metrics
 
 
-def _is_mean(name: str) -> bool:
-    return not (name.endswith("_max") or name.endswith("_min"))
+def _metric_counts(rollout: Rollout, kept, sequence_level: bool) -> tuple[int, int]:
+    """(kept tokens, kept ratio units) of the sequences ``kept``: what the loss metrics are means over.
+    Units are tokens at the token level and sequences with a token at the sequence level (GSPO)."""
+    tokens = sum(len(rollout.completions[i]) for i in kept)
+    return tokens, (sum(1 for i in kept if rollout.completions[i]) if sequence_level else tokens)
 
 
-def _accumulate(sums: dict[str, float], metrics: dict[str, float], weight: int) -> None:
-    """Token-weighted sums of a micro-batch's mean metrics; running max/min of the extremes."""
+def _accumulate(sums: dict[str, float], metrics: dict[str, float], counts: tuple[int, int]) -> None:
+    """Add one micro-batch's loss metrics: each mean times what it is a mean over (``counts``: its
+    kept tokens and ratio units), so that masked tokens weigh nothing; running max/min of the
+    extremes over micro-batches that kept a unit (an empty one reports 0.0 there: skipped)."""
+    tokens, units = counts
     for name, value in metrics.items():
-        if _is_mean(name):
-            sums[name] = sums.get(name, 0.0) + value * weight
+        if name.endswith(("_max", "_min")):
+            pick, none = (max, -math.inf) if name.endswith("_max") else (min, math.inf)
+            sums[name] = pick(sums.get(name, none), value if units else none)
         else:
-            pick = max if name.endswith("_max") else min
-            sums[name] = pick(sums.get(name, value), value)
+            sums[name] = sums.get(name, 0.0) + value * (units if name in RATIO_UNIT_METRIC_NAMES else tokens)
+
+
+def _finish_metrics(sums: dict[str, float], counts: tuple[int, int]) -> dict[str, float]:
+    """The step's loss metrics from the summed ``_accumulate`` sums and the global kept counts; NaN
+    when the loss kept nothing (every completion masked)."""
+    tokens, units = counts
+    out = {}
+    for name, value in sums.items():
+        if name.endswith(("_max", "_min")):
+            out[name] = value if math.isfinite(value) else math.nan
+        else:
+            count = units if name in RATIO_UNIT_METRIC_NAMES else tokens
+            out[name] = value / count if count else math.nan
+    return out
 
 
 def _mean(values: list[float] | None) -> float:

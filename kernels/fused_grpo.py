@@ -236,7 +236,8 @@ def fused_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logp: T
                     num_microbatches: int = 1, token_weights: Tensor | None = None,
                     importance_sampling_level: str = "token", sampler_logp: Tensor | None = None,
                     tis_cap: float = 0.0, sequence_mask: Tensor | None = None,
-                    return_entropy: bool = False, impl: str = "auto", chunk_tokens: int | None = None):
+                    advantage_level: str = "sequence", return_entropy: bool = False, impl: str = "auto",
+                    chunk_tokens: int | None = None):
     """GRPO loss of the completion tokens from hidden states and the LM head, in one pass.
 
         loss == grpo_token_loss(token_logprobs(hidden, weight, targets, temperature), old_logp,
@@ -253,7 +254,8 @@ def fused_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logp: T
 
     Args:
         hidden [N, H], weight [V, H]: float16/bfloat16/float32, one dtype; targets [N] integer ids.
-        old_logp, ref_logp, token_weights, sampler_logp [N] float or None; advantages [N] or [S];
+        old_logp, ref_logp, token_weights, sampler_logp [N] float or None; advantages [S] (one per
+        sequence, advantage_level="sequence", the default) or [N] (advantage_level="token");
         cu_seqlens [S+1] int32/int64 over the N tokens; sequence_mask [S] bool or None; the options
         as in grpo_token_loss. With tis_cap > 0 and old_logp None, the TIS weight uses this pass's
         logp (the trainer's log-prob of the rollout when one pass uses it).
@@ -272,7 +274,7 @@ def fused_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logp: T
                    max_completion_length=max_completion_length, num_sequences=num_sequences,
                    num_tokens=num_tokens, num_microbatches=num_microbatches, token_weights=token_weights,
                    importance_sampling_level=importance_sampling_level, sampler_logp=sampler_logp,
-                   tis_cap=tis_cap, sequence_mask=sequence_mask)
+                   tis_cap=tis_cap, sequence_mask=sequence_mask, advantage_level=advantage_level)
     if resolved == "reference":
         out = lp.token_logprobs(hidden, weight, targets, temperature, return_entropy, impl="reference")
         logp, entropy = out if return_entropy else (out, None)

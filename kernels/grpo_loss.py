@@ -50,8 +50,8 @@ from .grpo_loss_triton import (
 from .grpo_sequence import SequenceLossFunction, compute_dtype, sequence_loss_torch
 
 __all__ = [
-    "GRPOLossFunction", "GRPOLossParams", "IMPORTANCE_SAMPLING_LEVELS", "LOSS_AGGREGATIONS", "LossInputs",
-    "METRIC_NAMES", "NUM_STATS", "PackedBatch", "TIS_METRIC_NAMES", "finish_metrics", "grpo_loss_backward",
+    "ADVANTAGE_LEVELS", "GRPOLossFunction", "GRPOLossParams", "IMPORTANCE_SAMPLING_LEVELS", "LOSS_AGGREGATIONS", "LossInputs",
+    "METRIC_NAMES", "NUM_STATS", "PackedBatch", "RATIO_UNIT_METRIC_NAMES", "TIS_METRIC_NAMES", "finish_metrics", "grpo_loss_backward",
     "grpo_loss_backward_torch", "grpo_loss_forward", "grpo_loss_forward_torch", "grpo_token_loss",
     "kl_grad_torch", "loss_grad", "loss_value", "prepare_loss_inputs", "sequence_ids", "tis_weights",
     "token_scales", "triton_configs", "zero_metrics",
@@ -59,9 +59,15 @@ __all__ = [
 
 IMPLS = ("auto", "triton", "torch", "reference")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+# What one advantage belongs to: said by the caller, never guessed from the shape ([S] and [N] are
+# the same shape when every completion has one token, or some have none).
+ADVANTAGE_LEVELS = ("sequence", "token")
 METRIC_NAMES = ("clip_low_frac", "clip_high_frac", "clip_frac", "kl_mean",
                 "ratio_mean", "ratio_max", "ratio_min")
 TIS_METRIC_NAMES = ("tis_weight_mean", "tis_clipped_frac")  # present when tis_cap > 0
+# The metrics over the ratio's units (weighted tokens, or sequences with weight at the sequence
+# level); the others (kl_mean, TIS_METRIC_NAMES) are over weighted tokens at every level.
+RATIO_UNIT_METRIC_NAMES = ("clip_low_frac", "clip_high_frac", "clip_frac", "ratio_mean", "ratio_max", "ratio_min")
 
 
 # -------- The same math in torch, and the autograd Function ---------------------------------------
@@ -405,7 +411,7 @@ def _check_sequence_mask(sequence_mask, num_local_sequences: int, device) -> Non
 def prepare_loss_inputs(logp: Tensor, old_logp, ref_logp, advantages, cu_seqlens, *, loss_type: str,
                         epsilon_low, epsilon_high, beta, max_completion_length, num_sequences, num_tokens,
                         num_microbatches, token_weights, importance_sampling_level: str, sampler_logp,
-                        tis_cap, sequence_mask, use_triton: bool) -> LossInputs:
+                        tis_cap, sequence_mask, use_triton: bool, advantage_level: str = "sequence") -> LossInputs:
     """Checks grpo_token_loss's arguments (ValueError/TypeError naming the value and what is allowed)
     and derives LossInputs. logp: the log-probs [N], or a stand-in of their shape, dtype and device
     (fused_grpo_loss, which computes them later). One host sync (two with sequence_mask)."""
@@ -414,6 +420,8 @@ def prepare_loss_inputs(logp: Tensor, old_logp, ref_logp, advantages, cu_seqlens
     if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
         raise ValueError(f"unknown importance_sampling_level {importance_sampling_level!r}; "
                          f"valid: {list(IMPORTANCE_SAMPLING_LEVELS)}")
+    if advantage_level not in ADVANTAGE_LEVELS:
+        raise ValueError(f"unknown advantage_level {advantage_level!r}; valid: {list(ADVANTAGE_LEVELS)}")
     for name, value in (("epsilon_low", epsilon_low), ("epsilon_high", epsilon_high), ("beta", beta),
                         ("tis_cap", tis_cap)):
         _check_number(name, value)
@@ -438,7 +446,12 @@ def prepare_loss_inputs(logp: Tensor, old_logp, ref_logp, advantages, cu_seqlens
             _check_float_tensor(name, x, (logp.shape,), logp.device)
     _check_cu_seqlens(cu_seqlens, logp, token_weights)
     n, num_local_sequences = logp.numel(), cu_seqlens.numel() - 1
-    _check_float_tensor("advantages", advantages, ((n,), (num_local_sequences,)), logp.device)
+    per_sequence = advantage_level == "sequence"
+    expected = (num_local_sequences,) if per_sequence else (n,)
+    if isinstance(advantages, Tensor) and advantages.shape != expected:
+        raise ValueError(f"advantages must have shape {expected}, one per {advantage_level} "
+                         f"(advantage_level={advantage_level!r}), got {tuple(advantages.shape)}")
+    _check_float_tensor("advantages", advantages, (expected,), logp.device)
     kept = num_local_sequences
     if sequence_mask is not None:
         _check_sequence_mask(sequence_mask, num_local_sequences, logp.device)
@@ -451,7 +464,7 @@ def prepare_loss_inputs(logp: Tensor, old_logp, ref_logp, advantages, cu_seqlens
     dtype = compute_dtype(logp.dtype)
     seq_ids = sequence_ids(cu_seqlens, n)
     advantages = advantages.detach().to(dtype)
-    if advantages.shape != (n,):
+    if per_sequence:
         advantages = advantages[seq_ids]
     weights = None if token_weights is None else token_weights.detach().to(dtype)
     if sequence_mask is not None:
@@ -492,6 +505,7 @@ def grpo_token_loss(
     sampler_logp: Tensor | None = None,
     tis_cap: float = 0.0,
     sequence_mask: Tensor | None = None,
+    advantage_level: str = "sequence",
 ) -> tuple[Tensor, dict[str, float]]:
     """GRPO loss over the completion tokens of packed sequences -> (loss [], metrics).
 
@@ -514,9 +528,10 @@ def grpo_token_loss(
     to the loss of the whole batch (grpo, dr_grpo, dapo). A masked sequence is as if it were absent:
     global counts passed in must leave masked sequences out.
 
-    Shapes: logp, old_logp, ref_logp, token_weights, sampler_logp [N] float; advantages [N] (per
-    token) or [S] (per sequence, broadcast; when N == S it is read as per token, which then is the
-    same thing); cu_seqlens [S+1] int32/int64, 0 = cu_seqlens[0] <= ... <= cu_seqlens[S] = N;
+    Shapes: logp, old_logp, ref_logp, token_weights, sampler_logp [N] float; advantages [S] (one per
+    sequence, broadcast to its tokens) with advantage_level="sequence" (the default), [N] (one per
+    token) with advantage_level="token" (the level is never guessed from the shape: N == S happens);
+    cu_seqlens [S+1] int32/int64, 0 = cu_seqlens[0] <= ... <= cu_seqlens[S] = N;
     sequence_mask [S] bool (True: trained on).
     old_logp None means logp.detach() (r = 1). ref_logp None requires beta == 0 (kl_mean is then 0).
     sampler_logp is read only when tis_cap > 0, and then required.
@@ -538,7 +553,8 @@ def grpo_token_loss(
         epsilon_high=epsilon_high, beta=beta, max_completion_length=max_completion_length,
         num_sequences=num_sequences, num_tokens=num_tokens, num_microbatches=num_microbatches,
         token_weights=token_weights, importance_sampling_level=importance_sampling_level,
-        sampler_logp=sampler_logp, tis_cap=tis_cap, sequence_mask=sequence_mask, use_triton=impl == "triton")
+        sampler_logp=sampler_logp, tis_cap=tis_cap, sequence_mask=sequence_mask, use_triton=impl == "triton",
+        advantage_level=advantage_level)
 
     if logp.numel() == 0:  # a zero that is still connected to logp, so that backward() works on every rank
         loss = logp.sum().to(compute_dtype(logp.dtype)) * 0.0

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from fastgrpo.config import Config, ConfigError, load_config, parse_override, to_dict
+from fastgrpo.config import Config, ConfigError, config_from_dict, load_config, parse_override, to_dict
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -64,6 +64,22 @@ def test_roundtrip_through_dict(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text(yaml.safe_dump(to_dict(cfg)))
     assert load_config(f) == cfg
+
+
+def test_config_from_dict_round_trips_and_its_errors_are_load_configs():
+    cfg = load_config(None, ["train.seed=3", "rewards={accuracy: 1.0}"])
+    assert config_from_dict(to_dict(cfg)) == cfg
+    assert config_from_dict(to_dict(cfg), ["train.seed=4"]) == load_config(None, ["rewards={accuracy: 1.0}", "train.seed=4"])
+    for data, override in [({"train": {"max_stepz": 3}}, "train.max_stepz=3"),
+                           ({"train": {"max_steps": "many"}}, "train.max_steps=many"),
+                           ({"rollout": {"num_generations": 1}}, "rollout.num_generations=1")]:
+        with pytest.raises(ConfigError) as from_dict:
+            config_from_dict(data)
+        with pytest.raises(ConfigError) as from_override:
+            load_config(None, [override])
+        assert str(from_dict.value) == str(from_override.value)
+    with pytest.raises(ConfigError, match="a config must be a mapping of sections, got list"):
+        config_from_dict([1])
 
 
 def test_parse_override_nests():

@@ -227,3 +227,55 @@ def test_model_max_length_reads_config_json_only(tmp_path, config, expected):
 
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert model_max_length(tmp_path) == expected
+
+
+# --- models whose logits are post-processed (the fused LM head computes plain log_softmax) -------
+
+
+def _model_folder(tmp_path, name, config) -> str:
+    """A model folder holding only config.json: the check reads nothing else."""
+    folder = tmp_path / name
+    folder.mkdir()
+    if isinstance(config, dict):
+        (folder / "config.json").write_text(json.dumps(config))
+    else:
+        config.to_json_file(folder / "config.json")
+    return folder
+
+
+def _tiny_configs():
+    from transformers import CohereConfig, Gemma2Config, Gemma3Config, GraniteConfig
+
+    small = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1)
+    return {
+        "gemma2": (Gemma2Config(**small, head_dim=8), "final_logit_softcapping=30.0"),
+        "gemma3": (Gemma3Config(text_config=dict(small, head_dim=8, final_logit_softcapping=30.0)),
+                   "text_config.final_logit_softcapping=30.0"),
+        "granite": (GraniteConfig(**small, logits_scaling=8.0), "logits_scaling=8.0"),
+        "cohere": (CohereConfig(**small), "logit_scale=0.0625"),
+        # config.json leaves it out: Cohere's class default (0.0625) still scales the logits
+        "cohere_default": ({"model_type": "cohere", **small}, "logit_scale=0.0625"),
+        # a model type this transformers does not know: config.json as it is
+        "unknown_type": ({"model_type": "not_in_transformers", "lm_head_multiplier": 2.0}, "lm_head_multiplier=2.0"),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_tiny_configs()))
+def test_models_that_post_process_their_logits_are_refused_before_loading(tmp_path, name, no_model_loading):
+    config, attribute = _tiny_configs()[name]
+    folder = _model_folder(tmp_path, name, config)
+    fails(tiny(folder, tmp_path / "run"),
+          rf"^model.path='{re.escape(str(folder))}': the model in .* has {re.escape(attribute)} ",
+          r"post-processes its logits", r"Allowed: a model that leaves its logits as they are \(final_logit_softcapping=null")
+
+
+def test_models_with_plain_logits_pass_the_head_check(tmp_path, tiny_model_dir):
+    from transformers import Gemma3TextConfig, GraniteConfig
+
+    from fastgrpo.preflight import check_logits_are_the_heads
+
+    for name, config in [("granite_default", GraniteConfig()), ("gemma3_text", Gemma3TextConfig()),
+                         ("unknown_type", {"model_type": "not_in_transformers", "logit_scale": 1.0})]:
+        check_logits_are_the_heads(_model_folder(tmp_path, name, config), "model.path")
+    check_logits_are_the_heads(tiny_model_dir, "model.path")  # the tests' Llama

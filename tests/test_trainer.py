@@ -111,3 +111,14 @@ def test_eval_command_on_a_real_eval_file(tiny_model_dir, tmp_path, capsys):
     result = json.loads(out.read_text())["amc23"]
     assert len(result["per_problem"]) == 3
     assert all(len(p["completions"]) == 2 and len(p["correct"]) == 2 for p in result["per_problem"])
+
+
+def test_logged_lr_is_the_rate_the_update_used(tiny_model_dir, tmp_path):
+    """Linear warmup over 4 steps: step k's update runs at k/4 of the peak rate (the scheduler steps
+    after the update, so reading it then would log the next step's rate)."""
+    out = tmp_path / "warmup"
+    train(tiny_config(tiny_model_dir, out, "transformers", "eval.before_and_after=false", "train.warmup_steps=4",
+                      "train.learning_rate=1e-3"))
+    steps = read_metrics(out)
+    assert [r["step"] for r in steps] == [1, 2]
+    assert [r["lr"] for r in steps] == pytest.approx([0.25e-3, 0.5e-3], rel=1e-12)

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from fastgrpo.config import load_config
-from fastgrpo.model import load_policy, packed_token_logprobs
+from fastgrpo.model import load_policy, load_reference, packed_token_logprobs
 from fastgrpo.optim import build_optimizer
 from fastgrpo.packing import pack_sequences
-from fastgrpo.trainer import Rollout, grpo_update
+from fastgrpo.batch import Rollout
+from fastgrpo.trainer import grpo_update
 
 CAP = 2.0
 
@@ -35,7 +36,7 @@ def _rollout(policy, truncated):
                    truncated), shift
 
 
-def _update(model_dir, truncated, *overrides):
+def _update(model_dir, truncated, *overrides, reference=None):
     cfg = load_config(None, [f"model.path={model_dir}", "loss.importance_sampling_level=sequence",
                              f"loss.tis_cap={CAP}", "loss.mask_truncated=true", "loss.epsilon_low=0.0003",
                              "loss.epsilon_high=0.0004", "train.learning_rate=1e-3", "train.warmup_steps=0",
@@ -43,7 +44,7 @@ def _update(model_dir, truncated, *overrides):
     policy = load_policy(model_dir)
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     rollout, shift = _rollout(policy, truncated)
-    stats = grpo_update(policy, None, build_optimizer(policy.parameters(), cfg.train), rollout, cfg,
+    stats = grpo_update(policy, reference, build_optimizer(policy.parameters(), cfg.train), rollout, cfg,
                         torch.device("cpu"))
     changed = any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
     return stats, changed, rollout, shift
@@ -65,5 +66,42 @@ def test_gspo_tis_and_mask_truncated_through_grpo_update(tiny_model_dir):
 def test_everything_truncated_and_masked_leaves_the_weights_unchanged(tiny_model_dir):
     stats, changed, _, _ = _update(tiny_model_dir, [True] * 4)
     assert stats["loss"] == 0.0 and stats["grad_norm"] == 0.0 and not changed
+    # nothing kept, nothing to measure: the loss metrics say so (NaN, logged as null), not 0.0
+    assert all(math.isnan(stats[name]) for name in ("ratio_mean", "ratio_min", "ratio_max", "kl_mean", "clip_frac"))
     stats, changed, _, _ = _update(tiny_model_dir, [True] * 4, "loss.mask_truncated=false")
     assert stats["grad_norm"] > 0 and changed
+
+
+# A budget of 11 tokens puts each of the 4 sequences (6, 11, 7 and 10 tokens) in its own
+# micro-batch, so the truncated ones (1 and 3) make micro-batches with no kept token.
+ONE_SEQUENCE_EACH = ("rollout.max_completion_length=8", "train.max_tokens_per_microbatch=11")
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_one_pass_logs_ratio_one_when_whole_micro_batches_are_masked(tiny_model_dir, level):
+    stats, _, _, _ = _update(tiny_model_dir, [False, True, False, True], f"loss.importance_sampling_level={level}",
+                             *ONE_SEQUENCE_EACH)
+    # one pass: old == current, every ratio is exactly 1 and nothing is clipped
+    assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert stats["ratio_min"] == pytest.approx(1.0, abs=1e-6) and stats["ratio_max"] == pytest.approx(1.0, abs=1e-6)
+    assert stats["clip_frac"] == 0.0 and stats["clip_low_frac"] == 0.0 and stats["clip_high_frac"] == 0.0
+
+
+def _moved_reference(model_dir):
+    reference = load_reference(model_dir)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return reference
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_masked_means_do_not_depend_on_how_the_batch_is_split(tiny_model_dir, level):
+    """kl_mean and the TIS metrics are means over the kept tokens however many micro-batches hold them."""
+    args = (tiny_model_dir, [False, True, False, True], f"loss.importance_sampling_level={level}", "loss.beta=0.1")
+    whole, _, _, _ = _update(*args, reference=_moved_reference(tiny_model_dir))
+    split, _, _, _ = _update(*args, *ONE_SEQUENCE_EACH, reference=_moved_reference(tiny_model_dir))
+    assert whole["kl_mean"] > 1e-4  # the moved reference gives the KL something to measure
+    for name in ("kl_mean", "tis_weight_mean", "tis_clipped_frac", "ratio_mean", "ratio_min", "ratio_max", "clip_frac"):
+        assert split[name] == pytest.approx(whole[name], rel=1e-5, abs=1e-7), name

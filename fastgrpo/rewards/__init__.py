@@ -41,8 +41,8 @@ from fastgrpo.rewards.grader import (BOXED_SCAN_CHARS, MAX_ANSWER_CHARS, Grader,
 from fastgrpo.rewards.shaping import (COSINE_WRONG_AT_ZERO, cosine_scaled, language_drift_fraction, language_penalty,
                               overlong_penalty, repetition_penalty)
 
-__all__ = ["BOXED_SCAN_CHARS", "MAX_ANSWER_CHARS", "REWARDS", "RewardBatch", "RewardInputError", "compute_rewards",
-           "extract_boxed", "get_reward", "pop_reward_metrics", "register_reward"]
+__all__ = ["BOXED_SCAN_CHARS", "MAX_ANSWER_CHARS", "REWARDS", "RewardBatch", "RewardInputError", "combine_reward_metrics",
+           "compute_rewards", "extract_boxed", "get_reward", "register_reward"]
 
 log = logging.getLogger("fastgrpo.rewards")
 
@@ -253,9 +253,6 @@ NEEDS_CORRECTNESS = frozenset({"accuracy", "cosine"})
 # ctx entries with one value per completion (sliced when a failing reward is retried per item).
 PER_ITEM_KEYS = ("correct", "completion_lengths", "truncated")
 _LOGGED_FAILURES: set[tuple[str, str]] = set()
-# Metrics summed over compute_rewards calls since the last pop_reward_metrics(): a step may reward
-# several rounds of samples (DAPO dynamic sampling) before the trainer logs it.
-_PENDING: Counter = Counter()
 
 
 class RewardBatch(NamedTuple):
@@ -360,18 +357,20 @@ def compute_rewards(
         metrics[f"reward_failures_{name}"] = failures
         totals = [t + float(weight) * v for t, v in zip(totals, values)]
     metrics["lang_drift_frac"] = language_drift_fraction(completions)
-    _PENDING.update({k: v for k, v in metrics.items() if k != "lang_drift_frac"})
-    _PENDING["lang_drift_frac"] += metrics["lang_drift_frac"] * len(completions)
-    _PENDING["completions"] += len(completions)
     return RewardBatch(totals, per_reward, metrics)
 
 
-def pop_reward_metrics() -> dict[str, float]:
-    """The metrics of every compute_rewards call since the last pop, then start again: counts are
-    summed; lang_drift_frac is the share over all those calls' completions. {} when none."""
-    if not _PENDING["completions"]:
+def combine_reward_metrics(batches: list[RewardBatch]) -> dict[str, float]:
+    """The metrics of several compute_rewards results as one (a step may reward several rounds of
+    samples, DAPO dynamic sampling): counts are summed, lang_drift_frac is the share over all their
+    completions. {} for no completions."""
+    counts: Counter = Counter()
+    drifted, completions = 0.0, 0
+    for batch in batches:
+        n = len(batch.totals)
+        counts.update({k: v for k, v in batch.metrics.items() if k != "lang_drift_frac"})
+        drifted += batch.metrics["lang_drift_frac"] * n
+        completions += n
+    if not completions:
         return {}
-    metrics = dict(_PENDING)
-    _PENDING.clear()
-    metrics["lang_drift_frac"] /= metrics.pop("completions")
-    return metrics
+    return {**counts, "lang_drift_frac": drifted / completions}

@@ -41,7 +41,7 @@ def make_config(model_dir, out, *extra):
 
 def make_rollout(seed: int, prompts: int = 4, generations: int = 4):
     """A fixed global rollout: random prompt/completion ids, advantages and sampler log-probs."""
-    from fastgrpo.trainer import Rollout
+    from fastgrpo.batch import Rollout
 
     g = torch.Generator().manual_seed(seed)
     ids = lambda lo, hi: torch.randint(0, 2000, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()

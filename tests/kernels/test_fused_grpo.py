@@ -284,6 +284,28 @@ def test_bad_options_raise_with_a_clear_message(kwargs, error, match):
         fused_grpo_loss(*_small(), **kwargs)
 
 
+@pytest.mark.parametrize("impl", ["torch", "reference"])
+def test_per_sequence_advantages_when_there_are_as_many_tokens_as_sequences(impl):
+    """Completions of 0, 2 and 1 tokens: N == S == 3. One pass (old_logp None, r = 1), grpo: the
+    loss is -(A_1 + A_2) / 3 whatever the logits, and the gradients are those of the same advantages
+    spelled per token."""
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(3, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(20, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([3, 11, 7])
+    adv = torch.tensor([5.0, -1.0, 0.5], dtype=torch.float64)
+    cu = torch.tensor([0, 0, 2, 3], dtype=torch.int32)
+    loss, *_ = fused_grpo_loss(hidden, weight, targets, None, None, adv, cu, impl=impl)
+    assert loss.item() == pytest.approx(-(-1.0 + 0.5) / 3, rel=1e-6)  # the loss is float32
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    per_token, *_ = fused_grpo_loss(hidden, weight, targets, None, None, adv[[1, 1, 2]], cu, impl=impl,
+                                    advantage_level="token")
+    for got, want in zip(grads, torch.autograd.grad(per_token, (hidden, weight))):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match=r"advantages must have shape \(3,\), one per token"):
+        fused_grpo_loss(hidden, weight, targets, None, None, adv[:2], cu, advantage_level="token")
+
+
 def test_bad_tensors_raise_with_a_clear_message():
     hidden, weight, targets, old, ref, adv, cu = _small()
     with pytest.raises(ValueError, match="beta=0.1 > 0 needs ref_logp"):

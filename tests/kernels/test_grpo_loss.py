@@ -90,11 +90,11 @@ def random_batch(seed, n, num_seqs, *, per_sequence_adv=True, with_ref=True, wei
     return logp, old, ref, adv, cu, w
 
 
-def independent_loss(logp, old, ref, adv, cu, w, loss_type, eps_low, eps_high, beta):
+def independent_loss(logp, old, ref, adv, cu, w, loss_type, eps_low, eps_high, beta, advantage_level="sequence"):
     """The loss written apart from the module: torch.minimum (its tie gradient equals the module's),
     a python loop over sequences. Differentiable in logp; float64 in, float64 out."""
     bounds = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
-    if adv.numel() != logp.numel():
+    if advantage_level == "sequence":
         adv = torch.cat([adv[i].expand(b - a) for i, (a, b) in enumerate(bounds)])
     w = torch.ones_like(logp) if w is None else w
     r = torch.exp(logp - old)
@@ -181,7 +181,8 @@ def test_ties_take_the_unclipped_gradient(impl):
     logp = torch.tensor([-1.0, -0.3, -2.0], dtype=torch.float64)
     adv = torch.tensor([1.5, -2.0, 0.5], dtype=torch.float64)
     cu = torch.tensor([0, 3], dtype=torch.int32)
-    loss, grad, metrics = run(logp, None, None, adv, cu, epsilon_low=0.0, epsilon_high=0.0, impl=impl)
+    loss, grad, metrics = run(logp, None, None, adv, cu, epsilon_low=0.0, epsilon_high=0.0, impl=impl,
+                              advantage_level="token")
     assert loss.item() == pytest.approx(-adv.mean().item(), rel=1e-12)
     torch.testing.assert_close(grad, -adv / 3, rtol=1e-12, atol=0)
     assert metrics["clip_frac"] == 0.0
@@ -205,7 +206,8 @@ def test_torch_path_passes_gradcheck():
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_torch_path_matches_reference(loss_type, per_sequence_adv, weights, dtype, atol, rtol):
     batch = random_batch(1, 1001, 37, per_sequence_adv=per_sequence_adv, weights=weights)
-    kwargs = dict(loss_type=loss_type, epsilon_low=0.2, epsilon_high=0.28, beta=0.05, max_completion_length=MAX_LEN)
+    kwargs = dict(loss_type=loss_type, epsilon_low=0.2, epsilon_high=0.28, beta=0.05, max_completion_length=MAX_LEN,
+                  advantage_level="sequence" if per_sequence_adv else "token")
     loss, grad, metrics = run(*batch, dtype=dtype, impl="torch", **kwargs)
     ref_loss, ref_grad, ref_metrics = run(*batch, dtype=dtype, impl="reference", **kwargs)
     # The exact answer: the reference in float64 on the same (rounded) inputs.
@@ -219,7 +221,7 @@ def test_torch_path_matches_reference(loss_type, per_sequence_adv, weights, dtyp
     assert_metrics(metrics, ref_metrics, rel=1e-5 if dtype != torch.float64 else 1e-12, abs_=1e-7)
     # The float64 reference itself against a formula written apart from the module.
     logp = rounded[0].clone().requires_grad_()
-    want = independent_loss(logp, *rounded[1:], loss_type, 0.2, 0.28, 0.05)
+    want = independent_loss(logp, *rounded[1:], loss_type, 0.2, 0.28, 0.05, kwargs["advantage_level"])
     (want_grad,) = torch.autograd.grad(want, logp)
     torch.testing.assert_close(exact_loss, want.detach(), rtol=1e-10, atol=1e-15)
     torch.testing.assert_close(exact_grad, want_grad, rtol=1e-10, atol=1e-15)
@@ -297,6 +299,23 @@ def test_microbatch_losses_sum_to_the_global_loss(loss_type, weights, impl):
     torch.testing.assert_close(accumulated, expected / num_microbatches, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("impl", ["torch", "reference"])
+def test_per_sequence_advantages_when_there_are_as_many_tokens_as_sequences(impl):
+    """Completions of 0, 2 and 1 tokens: N == S == 3, and the advantages are still one per sequence.
+    One pass (old_logp None, r = 1): l_t = -A of t's sequence, loss = -(A_1 + A_2) / 3 (grpo, the
+    empty sequence adds 0), dloss/dlogp_t = -A / (3 * len)."""
+    logp = torch.tensor([-1.0, -0.5, -2.0], dtype=torch.float64)
+    adv = torch.tensor([5.0, -1.0, 0.5], dtype=torch.float64)
+    cu = torch.tensor([0, 0, 2, 3], dtype=torch.int32)
+    loss, grad, _ = run(logp, None, None, adv, cu, impl=impl)
+    assert loss.item() == pytest.approx(-(-1.0 + 0.5) / 3, rel=1e-12)
+    torch.testing.assert_close(grad, torch.tensor([1 / 6, 1 / 6, -0.5 / 3], dtype=torch.float64), rtol=1e-12, atol=0)
+    # the same advantages spelled per token
+    per_token = run(logp, None, None, adv[[1, 1, 2]], cu, impl=impl, advantage_level="token")
+    torch.testing.assert_close(per_token[0], loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(per_token[1], grad, rtol=1e-12, atol=0)
+
+
 # ------------------------------------------------------------------ validation
 
 
@@ -312,7 +331,11 @@ def _call(**overrides):
     ({"beta": 0.1}, ValueError, r"beta=0.1 > 0 needs ref_logp"),
     ({"old_logp": torch.zeros(4)}, ValueError, r"old_logp must have shape \(5,\), got \(4,\)"),
     ({"ref_logp": torch.zeros(5, dtype=torch.int64)}, TypeError, r"ref_logp must be a floating-point tensor"),
-    ({"advantages": torch.ones(3)}, ValueError, r"advantages must have shape \(5,\) or \(2,\), got \(3,\)"),
+    ({"advantages": torch.ones(3)}, ValueError,
+     r"advantages must have shape \(2,\), one per sequence \(advantage_level='sequence'\), got \(3,\)"),
+    ({"advantages": torch.ones(2), "advantage_level": "token"}, ValueError,
+     r"advantages must have shape \(5,\), one per token \(advantage_level='token'\), got \(2,\)"),
+    ({"advantage_level": "batch"}, ValueError, r"unknown advantage_level 'batch'; valid: \['sequence', 'token'\]"),
     ({"cu_seqlens": torch.tensor([0.0, 3.0, 5.0])}, TypeError, r"cu_seqlens must be int32 or int64, got torch.float32"),
     ({"cu_seqlens": torch.tensor([1, 3, 5])}, ValueError, r"must start at 0, got cu_seqlens\[0\]=1"),
     ({"cu_seqlens": torch.tensor([0, 3, 4])}, ValueError, r"must end at the token count N=5, got cu_seqlens\[-1\]=4"),
@@ -355,11 +378,13 @@ def interpreter_cases():
         cases["weighted_" + lt] = ((logp, old, ref, adv, cu), dict(
             loss_type=lt, epsilon_high=0.28, beta=0.04, max_completion_length=MAX_LEN, token_weights=w))
         logp, old, ref, adv, cu, w = random_batch(20 + i, 1001, 37, per_sequence_adv=False, with_ref=False)
-        cases["plain_" + lt] = ((logp, old, ref, adv, cu), dict(loss_type=lt, max_completion_length=MAX_LEN))
+        cases["plain_" + lt] = ((logp, old, ref, adv, cu), dict(loss_type=lt, max_completion_length=MAX_LEN,
+                                                                advantage_level="token"))
     logp, old, ref, adv, cu, w = random_batch(30, 300, 8, weights="frac")
     cases["frac_kl_only"] = ((logp, old, ref, adv, cu), dict(beta=0.1, token_weights=w))
     cases["ties"] = ((torch.tensor([-1.0, -0.3, -2.0]), None, None, torch.tensor([1.5, -2.0, 0.5]),
-                      torch.tensor([0, 3], dtype=torch.int32)), dict(epsilon_low=0.0, epsilon_high=0.0))
+                      torch.tensor([0, 3], dtype=torch.int32)),
+                     dict(epsilon_low=0.0, epsilon_high=0.0, advantage_level="token"))
     return cases
 
 

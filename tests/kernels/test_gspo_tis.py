@@ -50,10 +50,9 @@ def make_batch(seed, lengths=LENGTHS, *, noise=0.4, weights=False, sampler_sprea
 def plain_loss(logp, old_logp, ref_logp, advantages, cu_seqlens, *, token_weights=None, sampler_logp=None,
                tis_cap=0.0, sequence_mask=None, importance_sampling_level="token", loss_type="grpo",
                epsilon_low=0.2, epsilon_high=0.2, beta=0.0, max_completion_length=MAX_LEN,
-               num_sequences=None, num_tokens=None, num_microbatches=1):
+               num_sequences=None, num_tokens=None, num_microbatches=1, advantage_level="sequence"):
     """(loss, metrics) from the formulas, one sequence at a time; differentiable in logp."""
     bounds = list(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()))
-    n = logp.numel()
     old = logp.detach() if old_logp is None else old_logp
     w = torch.ones_like(logp) if token_weights is None else token_weights.clone()
     kept = list(range(len(bounds)))
@@ -67,7 +66,7 @@ def plain_loss(logp, old_logp, ref_logp, advantages, cu_seqlens, *, token_weight
     m = dict(kl=0.0, units=0, low=0, high=0, ratio=0.0, rmax=-math.inf, rmin=math.inf, tis=0.0, capped=0.0)
     for i, (a, b) in enumerate(bounds):
         lp_i, old_i, w_i = logp[a:b], old[a:b], w[a:b]
-        A = advantages[a:b] if advantages.numel() == n else advantages[i].expand(b - a)
+        A = advantages[a:b] if advantage_level == "token" else advantages[i].expand(b - a)
         if tis_cap > 0:
             raw = torch.exp(old_i - sampler_logp[a:b]).detach()
             A = A * raw.clamp(max=tis_cap)
@@ -161,6 +160,7 @@ def test_sequence_level_matches_the_formula(variant, loss_type, impl):
     if variant == "per_token_adv":
         batch["advantages"] = torch.randn(batch["logp"].numel(), dtype=torch.float64,
                                           generator=torch.Generator().manual_seed(3))
+        kwargs["advantage_level"] = "token"
     if variant == "gspo_eps":  # the paper's epsilons (v2, section 5.1) clip most sequences
         kwargs.update(epsilon_low=3e-4, epsilon_high=4e-4)
     got = loss_and_grad(grpo_token_loss, batch, impl=impl, **kwargs)

@@ -22,11 +22,11 @@ from fastgrpo.rewards import (
     REWARDS,
     RewardInputError,
     accuracy_reward,
+    combine_reward_metrics,
     compute_rewards,
     extract_boxed,
     format_reward,
     get_reward,
-    pop_reward_metrics,
     register_reward,
     tag_count_reward,
     think_format_reward,
@@ -301,14 +301,28 @@ def test_a_failing_reward_scores_zero_where_it_fails_and_logs_once(monkeypatch, 
     assert any("'fragile' failed with ZeroDivisionError" in m for m in logged)
 
 
-def test_pop_reward_metrics_sums_a_step_of_calls():
-    pop_reward_metrics()
-    compute_rewards({"format": 1.0}, ["\\boxed{1}", "答案 \\boxed{1}"], ["1", "1"])
-    compute_rewards({"format": 1.0}, ["\\boxed{1}", "\\boxed{2}"], ["1", "1"])
-    metrics = pop_reward_metrics()
-    assert metrics["lang_drift_frac"] == pytest.approx(1 / 4)
-    assert metrics["reward_failures_format"] == 0 and metrics["grader_timeouts"] == 0
-    assert pop_reward_metrics() == {}
+def test_two_calls_keep_their_metrics_apart_and_a_step_combines_its_own(monkeypatch):
+    monkeypatch.setattr(rewards, "REWARDS", dict(REWARDS))
+    monkeypatch.setattr(rewards, "_LOGGED_FAILURES", set())
+
+    @register_reward("fails_on_x")
+    def fails_on_x(completions, answers, **ctx):
+        if any("FAIL" in text for text in completions):
+            raise ValueError("FAIL")
+        return [1.0] * len(completions)
+
+    weights = {"format": 1.0, "fails_on_x": 1.0}
+    first = compute_rewards(weights, ["FAIL \\boxed{1}", "答案 \\boxed{1}", "FAIL"], ["1"] * 3)
+    second = compute_rewards(weights, ["\\boxed{1}"], ["1"])
+    assert first.metrics["reward_failures_fails_on_x"] == 2 and first.metrics["lang_drift_frac"] == pytest.approx(1 / 3)
+    # a second caller (another step, an evaluation) sees only its own counts, before and after
+    assert second.metrics["reward_failures_fails_on_x"] == 0 and second.metrics["lang_drift_frac"] == 0.0
+    assert compute_rewards(weights, ["\\boxed{1}"], ["1"]).metrics == second.metrics
+    step = combine_reward_metrics([first, second])
+    assert step["reward_failures_fails_on_x"] == 2 and step["reward_failures_format"] == 0
+    assert step["grader_timeouts"] == 0 and step["lang_drift_frac"] == pytest.approx(1 / 4)
+    assert combine_reward_metrics([second]) == second.metrics
+    assert combine_reward_metrics([]) == {}
 
 
 def test_compute_rewards_uses_the_shared_worker_pool_by_default():
