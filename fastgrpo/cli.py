@@ -30,7 +30,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         latest = ckpt.latest_checkpoint(args.resume)
         if latest is None:
-            raise ConfigError(f"--resume {args.resume}: no complete checkpoint-<step> folder there")
+            raise ConfigError(f"--resume {args.resume}: no complete checkpoint-<step> folder there", key=None)
         # The run continues with the config it started with; command-line overrides still apply.
         saved = ckpt.load_trainer_state(latest)["config"]
         import yaml
@@ -68,14 +68,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     entries = [*(args.suite or []), *(args.data or [])]
     if not entries:
-        raise ConfigError("fastgrpo eval needs --suite NAMES (e.g. aime24,amc23,math500) and/or --data FILES")
+        raise ConfigError("fastgrpo eval needs --suite NAMES (e.g. aime24,amc23,math500) and/or --data FILES", key=None)
     try:
         settings = eval_settings(args.preset, samples=args.samples, temperature=args.temperature, top_p=args.top_p,
                                  max_tokens=args.max_tokens, template=args.template, one_shot=args.one_shot,
                                  seed=args.seed)
         sets = load_suite(entries, args.data_dir or default_data_dir(), limit=args.limit)
     except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+        raise ConfigError(str(exc), key=None) from None
     model_dir = resolve_model_path(args.model)
     tokenizer = load_tokenizer(model_dir)
     # The engine's context holds the longest prompt plus a full-length completion.

@@ -190,7 +190,7 @@ def train(cfg: Config, resume: bool = False, timer: PhaseTimer | None = None) ->
     out = Path(cfg.log.output_dir)
     if not resume and ckpt.latest_checkpoint(out) is not None:
         raise ConfigError(f"log.output_dir={str(out)!r} holds checkpoints of an earlier run: continue it with "
-                          f"`fastgrpo train --resume {out}`, or choose another --output-dir")
+                          f"`fastgrpo train --resume {out}`, or choose another --output-dir", key="log.output_dir")
     distributed.setup(cfg)  # several ranks under torchrun, else a no-op
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.train.seed)
