@@ -11,6 +11,7 @@ import dataclasses
 import math
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,7 +122,8 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class RewardConfig:
-    """Parameters of the rewards that `rewards` weighs (formulas and sources: fastgrpo/rewards/shaping.py)."""
+    """The `reward_params` section: parameters of the rewards that `reward_weights` weighs, and of their
+    grader (formulas and sources: fastgrpo/rewards/shaping.py)."""
 
     # Cosine length reward (Yeo et al. 2025; open-r1; open-rs Exp 3):
     # r = at_max + (at_zero - at_max) * (1 + cos(pi * L / max_len)) / 2, per correct/wrong answer.
@@ -198,13 +200,63 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.5})
-    reward: RewardConfig = field(default_factory=RewardConfig)
+    # {reward name: weight}: a completion's reward is the weighted sum (names: fastgrpo/rewards/).
+    reward_weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.5})
+    reward_params: RewardConfig = field(default_factory=RewardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
+    @property
+    def rewards(self) -> dict[str, float]:
+        """Deprecated name of ``reward_weights``."""
+        warnings.warn("Config.rewards is renamed reward_weights", FutureWarning, stacklevel=2)
+        return self.reward_weights
 
+    @property
+    def reward(self) -> RewardConfig:
+        """Deprecated name of ``reward_params``."""
+        warnings.warn("Config.reward is renamed reward_params", FutureWarning, stacklevel=2)
+        return self.reward_params
+
+
+# Sections renamed because `rewards` (the weights) and `reward` (the parameters) were one letter
+# apart. The old names still load, with a FutureWarning naming the new key: FutureWarning rather
+# than DeprecationWarning because Python shows it to the user who wrote the file, not only to tests.
+RENAMED_SECTIONS = {"rewards": "reward_weights", "reward": "reward_params"}
+
+
+def _current_key(key: str) -> str:
+    """A dotted key with a renamed section spelled the new way ("reward.compat" -> "reward_params.compat")."""
+    head, dot, rest = key.partition(".")
+    return RENAMED_SECTIONS.get(head, head) + dot + rest
+
+
+def _renamed_sections(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """``data`` (a file's or an override's top level) with the old section names replaced, warning once each."""
+    out = dict(data)
+    for old, new in RENAMED_SECTIONS.items():
+        if old not in out:
+            continue
+        if new in out:
+            raise ConfigError(f"{source}: sets both {old!r} and {new!r}; {old!r} is the old name of {new!r}: keep "
+                              f"only {new!r}", key=new)
+        warnings.warn(f"{source}: the config key {old!r} is renamed {new!r}; use {new!r}", FutureWarning,
+                      stacklevel=3)
+        out[new] = out.pop(old)
+    return out
+
+
+# The allowed names of the closed choices. The modules that implement each choice own the name
+# lists (their registries: kernels' LOSS_AGGREGATIONS and IMPORTANCE_SAMPLING_LEVELS, advantages'
+# ADVANTAGE_SCALINGS, rollout's ENGINE_KINDS and ROLLOUT_MODES, attention's BACKENDS, prompts'
+# PROMPT_TEMPLATES, shaping's COSINE_COMPAT); these tuples are checked copies, and
+# tests/test_architecture.py fails when one differs from its registry. Why a checked copy rather
+# than moving the check next to the registries (preflight.py): here a bad name fails when the file
+# is read, with the file and line of the key, for every command (train, profile, plan), without
+# importing torch, the kernels or vLLM; a new loss type needs kernel code anyway, and the test says
+# which tuple to extend. Rewards are the exception: users register their own at run time
+# (rewards.register_reward), so reward_weights' names are checked by preflight.check_run.
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "model.attention": ("auto", "flash", "torch"),
@@ -218,7 +270,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.optimizer": ("adamw", "adamw8bit"),
     "data.template": ("boxed", "r1", "qwen"),
     "data.on_bad_rows": ("raise", "skip"),
-    "reward.compat": ("fastgrpo", "open-rs"),
+    "reward_params.compat": ("fastgrpo", "open-rs"),
 }
 
 
@@ -316,8 +368,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
-        # rewards and data.mixture are {name: weight} maps: an override replaces the whole map
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("rewards", "mixture"):
+        # reward_weights and data.mixture are {name: weight} maps: an override replaces the whole map
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("reward_weights", "mixture"):
             out[k] = _merge(out[k], v)
         else:
             out[k] = v
@@ -355,21 +407,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{path}: not valid YAML: {exc}", key=None) from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}", key=None)
+        loaded = _renamed_sections(loaded, str(path))
         try:
             _build(Config, loaded, "")  # names the file's own bad key before merging
         except ConfigError as exc:
             raise ConfigError(f"{_file_line(path, exc)}: {exc}", key=exc.key) from None
         data = _merge(data, loaded)
     for item in overrides:
-        data = _merge(data, parse_override(item))
+        data = _merge(data, _renamed_sections(parse_override(item), f"override {item!r}"))
     cfg = _build(Config, data, "")
     try:
         validate(cfg)
     except ConfigError as exc:
         # A cross-field error about a key that the file sets (and no override replaces) points at its line.
         key = exc.key
-        overridden = key is not None and any(key == o.split("=", 1)[0].strip() for o in overrides)
-        if path is None or overridden or _yaml_line(path.read_text(), key) is None:
+        overridden = key is not None and any(key == _current_key(o.split("=", 1)[0].strip()) for o in overrides)
+        if path is None or overridden or _line_in_file(path, key) is None:
             raise
         raise ConfigError(f"{_file_line(path, exc)}: {exc}", key=exc.key) from None
     return cfg
@@ -394,36 +447,47 @@ def _yaml_line(text: str, key: str | None) -> int | None:
     return line
 
 
+def _line_in_file(path: Path, key: str | None) -> int | None:
+    """The line where the YAML file sets ``key``, also when it spells a renamed section the old way."""
+    text = path.read_text()
+    line = _yaml_line(text, key)
+    if line is None and key is not None:
+        head, dot, rest = key.partition(".")
+        old = next((o for o, n in RENAMED_SECTIONS.items() if n == head), None)
+        line = _yaml_line(text, old + dot + rest) if old else None
+    return line
+
+
 def _file_line(path: Path, exc: ConfigError) -> str:
     """``path:line`` of the key an error names (``path`` when the file does not set it)."""
-    line = _yaml_line(path.read_text(), exc.key)
+    line = _line_in_file(path, exc.key)
     return f"{path}:{line}" if line else str(path)
 
 
 def _validate_reward(cfg: Config) -> None:
-    """Ranges of the `reward` section; the overlong buffer must fit every length limit of the run."""
-    rw = cfg.reward
+    """Ranges of the `reward_params` section; the overlong buffer must fit every length limit of the run."""
+    rw = cfg.reward_params
     for key in ("cosine_correct_at_zero", "cosine_correct_at_max", "cosine_wrong_at_zero", "cosine_wrong_at_max"):
         value = getattr(rw, key)
         if value is not None and not math.isfinite(value):
-            raise ConfigError(f"reward.{key} must be a finite number, got {value}", key=f"reward.{key}")
+            raise ConfigError(f"reward_params.{key} must be a finite number, got {value}", key=f"reward_params.{key}")
     for key in ("repetition_max_penalty", "overlong_penalty", "language_penalty"):
         value = getattr(rw, key)
         if not (math.isfinite(value) and value >= 0):
-            raise ConfigError(f"reward.{key} is a penalty's magnitude: a finite number >= 0, got {value}", key=f"reward.{key}")
+            raise ConfigError(f"reward_params.{key} is a penalty's magnitude: a finite number >= 0, got {value}", key=f"reward_params.{key}")
     if rw.cosine_max_len is not None and rw.cosine_max_len < 1:
-        raise ConfigError(f"reward.cosine_max_len must be >= 1 (or null for rollout.max_completion_length), got {rw.cosine_max_len}", key="reward.cosine_max_len")
+        raise ConfigError(f"reward_params.cosine_max_len must be >= 1 (or null for rollout.max_completion_length), got {rw.cosine_max_len}", key="reward_params.cosine_max_len")
     if rw.repetition_ngram_size < 1:
-        raise ConfigError(f"reward.repetition_ngram_size must be >= 1, got {rw.repetition_ngram_size}", key="reward.repetition_ngram_size")
+        raise ConfigError(f"reward_params.repetition_ngram_size must be >= 1, got {rw.repetition_ngram_size}", key="reward_params.repetition_ngram_size")
     limits = [cfg.rollout.max_completion_length] + [length for _, length in cfg.rollout.length_stages]
     if rw.overlong_buffer_len is not None and not 1 <= rw.overlong_buffer_len <= min(limits):
         raise ConfigError(
-            f"reward.overlong_buffer_len must be in 1..{min(limits)} (the smallest completion length limit of the run), "
-            f"got {rw.overlong_buffer_len}", key="reward.overlong_buffer_len")
+            f"reward_params.overlong_buffer_len must be in 1..{min(limits)} (the smallest completion length limit of the run), "
+            f"got {rw.overlong_buffer_len}", key="reward_params.overlong_buffer_len")
     if not (math.isfinite(rw.grader_timeout_s) and rw.grader_timeout_s > 0):
-        raise ConfigError(f"reward.grader_timeout_s must be a finite number of seconds > 0, got {rw.grader_timeout_s}", key="reward.grader_timeout_s")
+        raise ConfigError(f"reward_params.grader_timeout_s must be a finite number of seconds > 0, got {rw.grader_timeout_s}", key="reward_params.grader_timeout_s")
     if rw.grader_workers < 0:
-        raise ConfigError(f"reward.grader_workers must be >= 0 (0 grades in-process), got {rw.grader_workers}", key="reward.grader_workers")
+        raise ConfigError(f"reward_params.grader_workers must be >= 0 (0 grades in-process), got {rw.grader_workers}", key="reward_params.grader_workers")
 
 
 def validate(cfg: Config) -> None:
@@ -477,8 +541,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}", key="train.min_lr_ratio")
     if t.warmup_steps < 0:
         raise ConfigError(f"train.warmup_steps must be >= 0, got {t.warmup_steps}", key="train.warmup_steps")
-    if not cfg.rewards:
-        raise ConfigError("rewards: at least one reward with a weight is required, e.g. {accuracy: 1.0}", key="rewards")
+    if not cfg.reward_weights:
+        raise ConfigError("reward_weights: at least one reward with a weight is required, e.g. {accuracy: 1.0}",
+                          key="reward_weights")
     _validate_reward(cfg)
     if t.max_tokens_per_microbatch < r.max_completion_length + 1:
         raise ConfigError(

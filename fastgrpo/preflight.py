@@ -40,11 +40,11 @@ def check_run(cfg: Config) -> RunShape:
     """Raise ConfigError for the first input problem found; return the measured lengths."""
     from fastgrpo.rewards import get_reward
 
-    for name in cfg.rewards:
+    for name in cfg.reward_weights:
         try:
             get_reward(name)
         except ValueError as exc:
-            raise ConfigError(f"rewards.{name}: {exc}", key=f"rewards.{name}") from None
+            raise ConfigError(f"reward_weights.{name}: {exc}", key=f"reward_weights.{name}") from None
     _check_suite_names(cfg.eval.suite)
     folder, max_len = _check_model(cfg)
     problems = _check_data(cfg)

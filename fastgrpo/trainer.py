@@ -6,7 +6,7 @@ Algorithm choices, each a config key (fastgrpo/config.py holds every default):
   from an in-process vLLM engine (``rollout.engine``) that keeps the sampler's log-probs; with
   ``rollout.dynamic_sampling_rounds`` groups whose rewards all agree are replaced by fresh prompts
   (DAPO), and ``rollout.length_stages`` raises the length limit at given steps (DeepScaleR);
-- reward: a weighted sum of registered rewards (``rewards: {accuracy: 1.0, format: 0.5}``), graded in
+- reward: a weighted sum of registered rewards (``reward_weights: {accuracy: 1.0, format: 0.5}``), graded in
   worker processes with a time bound per answer (fastgrpo/rewards/grader.py);
 - advantage: group-relative, ``(r - mean) / std`` with the std of the group, of the batch, or none
   (``loss.scale_rewards``), one value per completion;
@@ -142,7 +142,7 @@ def collect_groups(engine, sampler, encode, cfg: Config, step: int, max_tokens: 
         answers = [problems[s.prompt_index]["answer"] for s in samples]
         with timer.phase("reward"):
             rewards, per_reward, _ = compute_rewards(
-                cfg.rewards, texts, answers, settings=cfg.reward, max_completion_length=max_tokens,
+                cfg.reward_weights, texts, answers, settings=cfg.reward_params, max_completion_length=max_tokens,
                 completion_lengths=[len(s.token_ids) for s in samples],
                 truncated=[s.finish_reason == "length" for s in samples])  # metrics: pop_reward_metrics() at log time
         drawn += len(problems)
@@ -433,7 +433,7 @@ def run_eval(engine, tokenizer, problems, cfg: Config, *, step: int, logger: Met
                     temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, template=cfg.data.template,
                     one_shot=cfg.data.one_shot, seed=cfg.train.seed)
     result = evaluate(engine, tokenizer, problems, **settings,
-                      grader=shared_grader(cfg.reward.grader_workers, cfg.reward.grader_timeout_s))
+                      grader=shared_grader(cfg.reward_params.grader_workers, cfg.reward_params.grader_timeout_s))
     metrics = {f"eval_{k}": v for k, v in result.items() if isinstance(v, (int, float))}
     if suite:
         suite_results = run_suite(engine, tokenizer, suite, eval_settings(**settings))

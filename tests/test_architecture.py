@@ -210,6 +210,42 @@ def test_kernels_import_nothing_outside_the_kernels():
     assert not outside, f"kernels import the rest of the package: {sorted(outside)}"
 
 
+def _registries() -> dict[str, tuple[str, ...]]:
+    """{config key: the names its registry holds}, read from the modules that implement the choice."""
+    from fastgrpo import advantages, attention, rollout
+    from fastgrpo.data import prompts
+    from fastgrpo.kernels import grpo_aggregation, grpo_loss
+    from fastgrpo.rewards import shaping
+
+    return {
+        "loss.loss_type": tuple(grpo_aggregation.LOSS_AGGREGATIONS),
+        "loss.importance_sampling_level": grpo_loss.IMPORTANCE_SAMPLING_LEVELS,
+        "loss.scale_rewards": tuple(advantages.ADVANTAGE_SCALINGS),
+        "rollout.engine": rollout.ENGINE_KINDS,
+        "rollout.mode": rollout.ROLLOUT_MODES,
+        "model.attention": attention.BACKENDS,
+        "data.template": prompts.PROMPT_TEMPLATES,
+        "reward_params.compat": shaping.COSINE_COMPAT,
+    }
+
+
+def test_config_choices_are_the_registries():
+    # config.py cannot import the registries (see its CHOICES comment); this keeps its copies exact.
+    from fastgrpo.config import CHOICES
+
+    differ = {key: (CHOICES.get(key), names) for key, names in _registries().items()
+              if set(CHOICES.get(key, ())) != set(names)}
+    assert not differ, f"config.CHOICES differs from the registries, as {{key: (CHOICES, registry)}}: {differ}"
+
+
+def test_the_registry_check_can_fail(monkeypatch):
+    from fastgrpo.kernels import grpo_aggregation
+
+    monkeypatch.setitem(grpo_aggregation.LOSS_AGGREGATIONS, "new_loss", lambda batch: batch)
+    with pytest.raises(AssertionError, match="loss.loss_type"):
+        test_config_choices_are_the_registries()
+
+
 @pytest.mark.parametrize("folder", LINE_CHECKED_FOLDERS)
 def test_no_python_file_over_600_lines(folder):
     long = {str(p.relative_to(REPO)): n for p in sorted((REPO / folder).rglob("*.py"))

@@ -136,8 +136,8 @@ def test_impossible_values_without_files(override, message):
 
 
 def test_unknown_reward(tiny_model_dir, tmp_path, no_model_loading):
-    fails(tiny(tiny_model_dir, tmp_path, "rewards={accuracy: 1.0, acuracy: 1.0}"),
-          r"^rewards.acuracy: unknown reward 'acuracy'; valid rewards: \[.*'accuracy'")
+    fails(tiny(tiny_model_dir, tmp_path, "reward_weights={accuracy: 1.0, acuracy: 1.0}"),
+          r"^reward_weights.acuracy: unknown reward 'acuracy'; valid rewards: \[.*'accuracy'")
     assert not tmp_path.joinpath("metrics.jsonl").exists()
 
 
