@@ -17,7 +17,7 @@ log = logging.getLogger("fastgrpo")
 
 def _setup_env() -> None:
     # The vLLM engine runs in this process: its weights are refreshed in place after every step,
-    # which needs the engine core in the same process (see DESIGN.md).
+    # which needs the engine core in the same process (docs/architecture.md, "Backends").
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 

@@ -60,7 +60,7 @@ class DataConfig:
     num_eval: int = 64  # held-out problems evaluated before and after training
     levels: tuple[int, ...] = (1, 2)  # arithmetic difficulty levels
     template: str = "boxed"  # boxed | r1 | qwen
-    one_shot: bool = True  # a worked example as a prior chat turn (see DESIGN: 0% -> 66% boxed)
+    one_shot: bool = True  # a worked example as a prior chat turn (0% -> 66% boxed: data/prompts.py)
     # Dataset names (not paths) resolve to <data_dir>/train/<name>.jsonl (.parquet, .json) for
     # training and <data_dir>/eval/<name>.jsonl for eval.suite; <data_dir>/<name>.jsonl also works.
     data_dir: str = "data"

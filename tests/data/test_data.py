@@ -150,7 +150,7 @@ def test_load_shared_train_file_and_its_known_overlap(caplog):
     math500 = load_problems(DATA / "eval" / "math500.jsonl")
     train_texts = {" ".join(p["problem"].split()) for p in train}  # whitespace-normalized, as SOURCE.txt
     overlap = [i for i, p in enumerate(math500) if " ".join(p["problem"].split()) in train_texts]
-    assert overlap == [80, 285, 412]  # the decontamination case in DESIGN.md
+    assert overlap == [80, 285, 412]  # the decontamination case (fastgrpo data prepare --against removes them)
 
 
 def _write_jsonl(path: Path, rows: list) -> Path:
