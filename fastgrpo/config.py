@@ -406,7 +406,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}", key=None) from None
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}", key=None)
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}",
+                              key=None)
         loaded = _renamed_sections(loaded, str(path))
         try:
             _build(Config, loaded, "")  # names the file's own bad key before merging
@@ -474,20 +475,25 @@ def _validate_reward(cfg: Config) -> None:
     for key in ("repetition_max_penalty", "overlong_penalty", "language_penalty"):
         value = getattr(rw, key)
         if not (math.isfinite(value) and value >= 0):
-            raise ConfigError(f"reward_params.{key} is a penalty's magnitude: a finite number >= 0, got {value}", key=f"reward_params.{key}")
+            raise ConfigError(f"reward_params.{key} is a penalty's magnitude: a finite number >= 0, got {value}",
+                              key=f"reward_params.{key}")
     if rw.cosine_max_len is not None and rw.cosine_max_len < 1:
-        raise ConfigError(f"reward_params.cosine_max_len must be >= 1 (or null for rollout.max_completion_length), got {rw.cosine_max_len}", key="reward_params.cosine_max_len")
+        raise ConfigError(f"reward_params.cosine_max_len must be >= 1 (or null for rollout.max_completion_length), "
+                          f"got {rw.cosine_max_len}", key="reward_params.cosine_max_len")
     if rw.repetition_ngram_size < 1:
-        raise ConfigError(f"reward_params.repetition_ngram_size must be >= 1, got {rw.repetition_ngram_size}", key="reward_params.repetition_ngram_size")
+        raise ConfigError(f"reward_params.repetition_ngram_size must be >= 1, got {rw.repetition_ngram_size}",
+                          key="reward_params.repetition_ngram_size")
     limits = [cfg.rollout.max_completion_length] + [length for _, length in cfg.rollout.length_stages]
     if rw.overlong_buffer_len is not None and not 1 <= rw.overlong_buffer_len <= min(limits):
         raise ConfigError(
             f"reward_params.overlong_buffer_len must be in 1..{min(limits)} (the smallest completion length limit of the run), "
             f"got {rw.overlong_buffer_len}", key="reward_params.overlong_buffer_len")
     if not (math.isfinite(rw.grader_timeout_s) and rw.grader_timeout_s > 0):
-        raise ConfigError(f"reward_params.grader_timeout_s must be a finite number of seconds > 0, got {rw.grader_timeout_s}", key="reward_params.grader_timeout_s")
+        raise ConfigError(f"reward_params.grader_timeout_s must be a finite number of seconds > 0, "
+                          f"got {rw.grader_timeout_s}", key="reward_params.grader_timeout_s")
     if rw.grader_workers < 0:
-        raise ConfigError(f"reward_params.grader_workers must be >= 0 (0 grades in-process), got {rw.grader_workers}", key="reward_params.grader_workers")
+        raise ConfigError(f"reward_params.grader_workers must be >= 0 (0 grades in-process), got {rw.grader_workers}",
+                          key="reward_params.grader_workers")
 
 
 def validate(cfg: Config) -> None:
@@ -512,29 +518,38 @@ def validate(cfg: Config) -> None:
         if value is not None and value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}", key=key)
     if cfg.eval.every_n_steps < 0:
-        raise ConfigError(f"eval.every_n_steps must be >= 0 (0 = only before and after), got {cfg.eval.every_n_steps}", key="eval.every_n_steps")
+        raise ConfigError(f"eval.every_n_steps must be >= 0 (0 = only before and after), got {cfg.eval.every_n_steps}",
+                          key="eval.every_n_steps")
     if not t.max_grad_norm > 0:
-        raise ConfigError(f"train.max_grad_norm must be > 0 (the gradient is clipped to it), got {t.max_grad_norm}", key="train.max_grad_norm")
+        raise ConfigError(f"train.max_grad_norm must be > 0 (the gradient is clipped to it), got {t.max_grad_norm}",
+                          key="train.max_grad_norm")
     if r.num_generations < 2:
         raise ConfigError(
-            f"rollout.num_generations must be >= 2 (group-relative advantages need a group), got {r.num_generations}", key="rollout.num_generations"
+            f"rollout.num_generations must be >= 2 (group-relative advantages need a group), got {r.num_generations}",
+            key="rollout.num_generations"
         )
     if not 1 <= r.server_port <= 65535:
-        raise ConfigError(f"rollout.server_port must be a TCP port in 1..65535, got {r.server_port}", key="rollout.server_port")
+        raise ConfigError(f"rollout.server_port must be a TCP port in 1..65535, got {r.server_port}",
+                          key="rollout.server_port")
     if not 0 <= r.server_group_port <= 65535:
-        raise ConfigError(f"rollout.server_group_port must be 0 (server_port + 1) or a port in 1..65535, got {r.server_group_port}", key="rollout.server_group_port")
+        raise ConfigError(f"rollout.server_group_port must be 0 (server_port + 1) or a port in 1..65535, "
+                          f"got {r.server_group_port}", key="rollout.server_group_port")
     if r.server_group_port == r.server_port:
-        raise ConfigError(f"rollout.server_group_port must differ from rollout.server_port ({r.server_port})", key="rollout.server_group_port")
+        raise ConfigError(f"rollout.server_group_port must differ from rollout.server_port ({r.server_port})",
+                          key="rollout.server_group_port")
     if r.server_timeout_s <= 0:
-        raise ConfigError(f"rollout.server_timeout_s must be > 0 seconds, got {r.server_timeout_s}", key="rollout.server_timeout_s")
+        raise ConfigError(f"rollout.server_timeout_s must be > 0 seconds, got {r.server_timeout_s}",
+                          key="rollout.server_timeout_s")
     if r.temperature <= 0:
-        raise ConfigError(f"rollout.temperature must be > 0 for sampling, got {r.temperature}", key="rollout.temperature")
+        raise ConfigError(f"rollout.temperature must be > 0 for sampling, got {r.temperature}",
+                          key="rollout.temperature")
     if not 0 < r.top_p <= 1:
         raise ConfigError(f"rollout.top_p must be in (0, 1], got {r.top_p}", key="rollout.top_p")
     if lo.beta < 0:
         raise ConfigError(f"loss.beta must be >= 0, got {lo.beta}", key="loss.beta")
     if lo.epsilon_low < 0 or lo.epsilon_high < 0:
-        raise ConfigError(f"loss.epsilon_low/epsilon_high must be >= 0, got {lo.epsilon_low}/{lo.epsilon_high}", key="loss.epsilon_low" if lo.epsilon_low < 0 else "loss.epsilon_high")
+        raise ConfigError(f"loss.epsilon_low/epsilon_high must be >= 0, got {lo.epsilon_low}/{lo.epsilon_high}",
+                          key="loss.epsilon_low" if lo.epsilon_low < 0 else "loss.epsilon_high")
     if t.learning_rate <= 0:
         raise ConfigError(f"train.learning_rate must be > 0, got {t.learning_rate}", key="train.learning_rate")
     if not 0.0 <= t.min_lr_ratio <= 1.0:
@@ -548,27 +563,35 @@ def validate(cfg: Config) -> None:
     if t.max_tokens_per_microbatch < r.max_completion_length + 1:
         raise ConfigError(
             f"train.max_tokens_per_microbatch={t.max_tokens_per_microbatch} is smaller than one sequence "
-            f"(rollout.max_completion_length={r.max_completion_length} plus the prompt)", key="train.max_tokens_per_microbatch"
+            f"(rollout.max_completion_length={r.max_completion_length} plus the prompt)",
+            key="train.max_tokens_per_microbatch"
         )
     if r.dynamic_sampling_rounds < 0:
-        raise ConfigError(f"rollout.dynamic_sampling_rounds must be >= 0 (0 = off), got {r.dynamic_sampling_rounds}", key="rollout.dynamic_sampling_rounds")
+        raise ConfigError(f"rollout.dynamic_sampling_rounds must be >= 0 (0 = off), got {r.dynamic_sampling_rounds}",
+                          key="rollout.dynamic_sampling_rounds")
     for i, (from_step, length) in enumerate(r.length_stages):
         if from_step < 1 or length < 1:
-            raise ConfigError(f"rollout.length_stages[{i}] = [{from_step}, {length}]: the step and the length must be >= 1", key=f"rollout.length_stages[{i}]")
+            raise ConfigError(f"rollout.length_stages[{i}] = [{from_step}, {length}]: the step and the length "
+                              "must be >= 1", key=f"rollout.length_stages[{i}]")
     steps = [from_step for from_step, _ in r.length_stages]
     if steps != sorted(set(steps)):
-        raise ConfigError(f"rollout.length_stages: the stages' steps must increase, got {steps}", key="rollout.length_stages")
+        raise ConfigError(f"rollout.length_stages: the stages' steps must increase, got {steps}",
+                          key="rollout.length_stages")
     longest = max([r.max_completion_length, *(length for _, length in r.length_stages)])
     if t.max_tokens_per_microbatch < longest + 1:
         raise ConfigError(
             f"train.max_tokens_per_microbatch={t.max_tokens_per_microbatch} is smaller than one sequence of the "
-            f"longest length stage ({longest} completion tokens plus the prompt)", key="train.max_tokens_per_microbatch")
+            f"longest length stage ({longest} completion tokens plus the prompt)",
+            key="train.max_tokens_per_microbatch")
     if t.max_consecutive_nonfinite < 1:
-        raise ConfigError(f"train.max_consecutive_nonfinite must be >= 1, got {t.max_consecutive_nonfinite}", key="train.max_consecutive_nonfinite")
+        raise ConfigError(f"train.max_consecutive_nonfinite must be >= 1, got {t.max_consecutive_nonfinite}",
+                          key="train.max_consecutive_nonfinite")
     if lo.tis_cap < 0 or 0 < lo.tis_cap < 1:
-        raise ConfigError(f"loss.tis_cap must be 0 (off) or >= 1 (a cap on the importance weight), got {lo.tis_cap}", key="loss.tis_cap")
+        raise ConfigError(f"loss.tis_cap must be 0 (off) or >= 1 (a cap on the importance weight), got {lo.tis_cap}",
+                          key="loss.tis_cap")
     if not cfg.data.levels or any(lv not in (1, 2, 3, 4) for lv in cfg.data.levels):
-        raise ConfigError(f"data.levels must be a non-empty list of 1..4, got {list(cfg.data.levels)}", key="data.levels")
+        raise ConfigError(f"data.levels must be a non-empty list of 1..4, got {list(cfg.data.levels)}",
+                          key="data.levels")
     _validate_data_sources(cfg)
 
 
@@ -583,16 +606,21 @@ def _validate_data_sources(cfg: Config) -> None:
         if not name.strip():
             raise ConfigError("data.mixture: a dataset name is empty", key="data.mixture")
         if name == "arithmetic":
-            raise ConfigError("data.mixture: the built-in arithmetic task cannot be mixed; use JSONL/parquet files", key="data.mixture")
+            raise ConfigError("data.mixture: the built-in arithmetic task cannot be mixed; use JSONL/parquet files",
+                              key="data.mixture")
         if not (math.isfinite(weight) and weight > 0):
-            raise ConfigError(f"data.mixture.{name}: the weight must be a finite number > 0, got {weight}", key=f"data.mixture.{name}")
+            raise ConfigError(f"data.mixture.{name}: the weight must be a finite number > 0, got {weight}",
+                              key=f"data.mixture.{name}")
     if d.unique_problems is not None and d.unique_problems < 1:
-        raise ConfigError(f"data.unique_problems must be >= 1 (or null for all), got {d.unique_problems}", key="data.unique_problems")
+        raise ConfigError(f"data.unique_problems must be >= 1 (or null for all), got {d.unique_problems}",
+                          key="data.unique_problems")
     if d.mixture and d.unique_problems is not None and d.unique_problems < len(d.mixture):
         raise ConfigError(
-            f"data.unique_problems={d.unique_problems} cannot give each of the {len(d.mixture)} mixture sources a problem", key="data.unique_problems")
+            f"data.unique_problems={d.unique_problems} cannot give each of the {len(d.mixture)} mixture sources a problem",
+            key="data.unique_problems")
     if e.suite_limit is not None and e.suite_limit < 1:
-        raise ConfigError(f"eval.suite_limit must be >= 1 (or null for all), got {e.suite_limit}", key="eval.suite_limit")
+        raise ConfigError(f"eval.suite_limit must be >= 1 (or null for all), got {e.suite_limit}",
+                          key="eval.suite_limit")
     if any(not s.strip() for s in e.suite):
         raise ConfigError(f"eval.suite: a dataset name is empty, got {list(e.suite)}", key="eval.suite")
     # Two entries with one name (aime24 and x/aime24.jsonl) are caught by preflight.check_run: the

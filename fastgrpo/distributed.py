@@ -95,7 +95,8 @@ def setup(cfg: Config) -> int:
     if cfg.train.optimizer != "adamw":
         # measured: bitsandbytes' 8-bit update kernel refuses DTensors ("got mixed torch.Tensor and DTensor")
         raise ConfigError(f"train.optimizer={cfg.train.optimizer!r} cannot step FSDP2-sharded parameters; "
-                          "use train.optimizer=adamw with several processes (its state is sharded too)", key="train.optimizer")
+                          "use train.optimizer=adamw with several processes (its state is sharded too)",
+                          key="train.optimizer")
     global _owns_process_group
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -55,7 +55,8 @@ def check_run(cfg: Config) -> RunShape:
     try:
         tokenizer = load_tokenizer(folder)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"model.path={cfg.model.path!r}: no usable tokenizer in {folder} ({exc})", key="model.path") from None
+        raise ConfigError(f"model.path={cfg.model.path!r}: no usable tokenizer in {folder} ({exc})",
+                          key="model.path") from None
     train_prompt, train_id = longest_prompt(tokenizer, problems["train"], cfg.data.template, cfg.data.one_shot)
     any_prompt, any_id = max((longest_prompt(tokenizer, p, cfg.data.template, cfg.data.one_shot) for p in problems.values()),
                              key=lambda x: x[0])
@@ -70,7 +71,8 @@ def _check_suite_names(suite: tuple[str, ...]) -> None:
     labels = [dataset_label(s) for s in suite]
     duplicates = sorted({s for s in labels if labels.count(s) > 1})
     if duplicates:
-        raise ConfigError(f"eval.suite: the names {duplicates} occur twice (metrics are keyed by name)", key="eval.suite")
+        raise ConfigError(f"eval.suite: the names {duplicates} occur twice (metrics are keyed by name)",
+                          key="eval.suite")
 
 
 def _check_model(cfg: Config) -> tuple[Path | None, int | None]:
@@ -82,7 +84,8 @@ def _check_model(cfg: Config) -> tuple[Path | None, int | None]:
     except (OSError, ValueError) as exc:
         also = " With loss.beta > 0 the frozen KL reference is loaded from it too." if cfg.loss.beta > 0 else ""
         raise ConfigError(f"model.path={cfg.model.path!r}: {exc}.{also} Allowed: 'default' (the embedded "
-                          "SmolLM2-135M-Instruct) or a local Hugging Face model folder with config.json", key="model.path") from None
+                          "SmolLM2-135M-Instruct) or a local Hugging Face model folder with config.json",
+                          key="model.path") from None
     return folder, max_len
 
 
@@ -106,7 +109,8 @@ def _quiet(logger_name: str) -> Iterator[None]:
 def _row_error(key: str, exc: Exception, problem_key: str, answer_key: str) -> ConfigError:
     message = str(exc).replace("on_error='skip' drops bad rows", "data.on_bad_rows=skip drops bad rows")
     return ConfigError(f"{key}: {message}. Allowed: rows with a non-empty {problem_key!r} string and a non-empty "
-                       f"{answer_key!r} string or number (the field names are data.problem_key and data.answer_key)", key=key)
+                       f"{answer_key!r} string or number (the field names are data.problem_key and data.answer_key)",
+                       key=key)
 
 
 def _check_entry(key: str, entry: str, data_dir: str, subdir: str, problem_key: str, answer_key: str,
@@ -204,11 +208,13 @@ def _check_lengths(cfg: Config, folder: Path, max_len: int | None, train_prompt:
     if r.max_model_len is not None:
         if max_len is not None and r.max_model_len > max_len:
             raise ConfigError(f"rollout.max_model_len={r.max_model_len} is more than the model takes ({max_len}, "
-                              f"max_position_embeddings in {where}). Allowed: {needed}..{max_len}, or null (sized from the data)", key="rollout.max_model_len")
+                              f"max_position_embeddings in {where}). Allowed: {needed}..{max_len}, or null (sized from the data)",
+                              key="rollout.max_model_len")
         if r.max_model_len < needed:
             raise ConfigError(
                 f"rollout.max_model_len={r.max_model_len} is smaller than the longest prompt ({prompt} tokens, problem "
-                f"{prompt_id!r}) plus {key}={completion}. Allowed: >= {needed}, or null (sized from the data)", key="rollout.max_model_len")
+                f"{prompt_id!r}) plus {key}={completion}. Allowed: >= {needed}, or null (sized from the data)",
+                key="rollout.max_model_len")
     budget = cfg.train.max_tokens_per_microbatch
     prompt, prompt_id = train_prompt
     if budget < prompt + train_completion:
