@@ -8,6 +8,7 @@ fail with the key's dotted name and what is allowed, before any model loads.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -32,11 +33,7 @@ class ConfigError(ValueError):
         self.key = key
 
     def __reduce__(self):  # picklable (e.g. across worker processes) despite the keyword-only key
-        return _config_error, (str(self), self.key)
-
-
-def _config_error(message: str, key: str | None) -> ConfigError:
-    return ConfigError(message, key=key)
+        return functools.partial(ConfigError, key=self.key), (str(self),)
 
 
 @dataclass(frozen=True)
@@ -208,28 +205,19 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
     @property
-    def rewards(self) -> dict[str, float]:
-        """Deprecated name of ``reward_weights``."""
+    def rewards(self) -> dict[str, float]:  # the old name of reward_weights
         warnings.warn("Config.rewards is renamed reward_weights", FutureWarning, stacklevel=2)
         return self.reward_weights
 
     @property
-    def reward(self) -> RewardConfig:
-        """Deprecated name of ``reward_params``."""
+    def reward(self) -> RewardConfig:  # the old name of reward_params
         warnings.warn("Config.reward is renamed reward_params", FutureWarning, stacklevel=2)
         return self.reward_params
 
 
-# Sections renamed because `rewards` (the weights) and `reward` (the parameters) were one letter
-# apart. The old names still load, with a FutureWarning naming the new key: FutureWarning rather
-# than DeprecationWarning because Python shows it to the user who wrote the file, not only to tests.
+# Renamed: `rewards` (the weights) and `reward` (the parameters) were one letter apart. The old names
+# load with a FutureWarning (Python shows it to users; a DeprecationWarning only to tests).
 RENAMED_SECTIONS = {"rewards": "reward_weights", "reward": "reward_params"}
-
-
-def _current_key(key: str) -> str:
-    """A dotted key with a renamed section spelled the new way ("reward.compat" -> "reward_params.compat")."""
-    head, dot, rest = key.partition(".")
-    return RENAMED_SECTIONS.get(head, head) + dot + rest
 
 
 def _renamed_sections(data: dict[str, Any], source: str) -> dict[str, Any]:
@@ -241,22 +229,17 @@ def _renamed_sections(data: dict[str, Any], source: str) -> dict[str, Any]:
         if new in out:
             raise ConfigError(f"{source}: sets both {old!r} and {new!r}; {old!r} is the old name of {new!r}: keep "
                               f"only {new!r}", key=new)
-        warnings.warn(f"{source}: the config key {old!r} is renamed {new!r}; use {new!r}", FutureWarning,
-                      stacklevel=3)
+        warnings.warn(f"{source}: the config key {old!r} is renamed {new!r}; use {new!r}", FutureWarning, stacklevel=3)
         out[new] = out.pop(old)
     return out
 
 
-# The allowed names of the closed choices. The modules that implement each choice own the name
-# lists (their registries: kernels' LOSS_AGGREGATIONS and IMPORTANCE_SAMPLING_LEVELS, advantages'
-# ADVANTAGE_SCALINGS, rollout's ENGINE_KINDS and ROLLOUT_MODES, attention's BACKENDS, prompts'
-# PROMPT_TEMPLATES, shaping's COSINE_COMPAT); these tuples are checked copies, and
-# tests/test_architecture.py fails when one differs from its registry. Why a checked copy rather
-# than moving the check next to the registries (preflight.py): here a bad name fails when the file
-# is read, with the file and line of the key, for every command (train, profile, plan), without
-# importing torch, the kernels or vLLM; a new loss type needs kernel code anyway, and the test says
-# which tuple to extend. Rewards are the exception: users register their own at run time
-# (rewards.register_reward), so reward_weights' names are checked by preflight.check_run.
+# The closed choices. Each is owned by the registry of the module that implements it (kernels'
+# LOSS_AGGREGATIONS, advantages' ADVANTAGE_SCALINGS, rollout's ENGINE_KINDS, ...); these tuples are
+# checked copies (tests/test_architecture.py compares them). Why not check next to the registries
+# (preflight.py): here a bad name fails as the file is read, with its line, for every command,
+# without importing torch, the kernels or vLLM. Rewards are open (users register their own at run
+# time), so preflight.check_run checks reward_weights' names.
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "model.attention": ("auto", "flash", "torch"),
@@ -406,8 +389,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}", key=None) from None
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}",
-                              key=None)
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}", key=None)
         loaded = _renamed_sections(loaded, str(path))
         try:
             _build(Config, loaded, "")  # names the file's own bad key before merging
@@ -421,9 +403,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         validate(cfg)
     except ConfigError as exc:
         # A cross-field error about a key that the file sets (and no override replaces) points at its line.
-        key = exc.key
-        overridden = key is not None and any(key == _current_key(o.split("=", 1)[0].strip()) for o in overrides)
-        if path is None or overridden or _line_in_file(path, key) is None:
+        set_by = [o.split("=", 1)[0].strip().split(".", 1) for o in overrides]  # an old section name counts too
+        overridden = exc.key is not None and any(exc.key == ".".join([RENAMED_SECTIONS.get(k[0], k[0]), *k[1:]])
+                                                 for k in set_by)
+        if path is None or overridden or _yaml_line(path.read_text(), exc.key) is None:
             raise
         raise ConfigError(f"{_file_line(path, exc)}: {exc}", key=exc.key) from None
     return cfg
@@ -433,7 +416,7 @@ def _yaml_line(text: str, key: str | None) -> int | None:
     """1-based line where a YAML document sets the dotted ``key``; None when it does not.
 
     A list index ends the walk at the list's own key: "rollout.length_stages[1]" is found on the
-    line of ``length_stages:``.
+    line of ``length_stages:``; a renamed section is found under its old name too.
     """
     if key is None:
         return None
@@ -441,27 +424,18 @@ def _yaml_line(text: str, key: str | None) -> int | None:
     for part in key.split("[", 1)[0].split("."):
         if not isinstance(node, yaml.MappingNode):
             return None
-        hit = next(((k, v) for k, v in node.value if k.value == part), None)
+        top = line is None  # only top-level sections were renamed
+        hit = next(((k, v) for k, v in node.value if k.value == part or top and RENAMED_SECTIONS.get(k.value) == part),
+                   None)
         if hit is None:
             return None
         line, node = hit[0].start_mark.line + 1, hit[1]
     return line
 
 
-def _line_in_file(path: Path, key: str | None) -> int | None:
-    """The line where the YAML file sets ``key``, also when it spells a renamed section the old way."""
-    text = path.read_text()
-    line = _yaml_line(text, key)
-    if line is None and key is not None:
-        head, dot, rest = key.partition(".")
-        old = next((o for o, n in RENAMED_SECTIONS.items() if n == head), None)
-        line = _yaml_line(text, old + dot + rest) if old else None
-    return line
-
-
 def _file_line(path: Path, exc: ConfigError) -> str:
     """``path:line`` of the key an error names (``path`` when the file does not set it)."""
-    line = _line_in_file(path, exc.key)
+    line = _yaml_line(path.read_text(), exc.key)
     return f"{path}:{line}" if line else str(path)
 
 
@@ -541,8 +515,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"rollout.server_timeout_s must be > 0 seconds, got {r.server_timeout_s}",
                           key="rollout.server_timeout_s")
     if r.temperature <= 0:
-        raise ConfigError(f"rollout.temperature must be > 0 for sampling, got {r.temperature}",
-                          key="rollout.temperature")
+        raise ConfigError(f"rollout.temperature must be > 0 for sampling, got {r.temperature}", key="rollout.temperature")
     if not 0 < r.top_p <= 1:
         raise ConfigError(f"rollout.top_p must be in (0, 1], got {r.top_p}", key="rollout.top_p")
     if lo.beta < 0:
@@ -575,14 +548,12 @@ def validate(cfg: Config) -> None:
                               "must be >= 1", key=f"rollout.length_stages[{i}]")
     steps = [from_step for from_step, _ in r.length_stages]
     if steps != sorted(set(steps)):
-        raise ConfigError(f"rollout.length_stages: the stages' steps must increase, got {steps}",
-                          key="rollout.length_stages")
+        raise ConfigError(f"rollout.length_stages: the stages' steps must increase, got {steps}", key="rollout.length_stages")
     longest = max([r.max_completion_length, *(length for _, length in r.length_stages)])
     if t.max_tokens_per_microbatch < longest + 1:
         raise ConfigError(
             f"train.max_tokens_per_microbatch={t.max_tokens_per_microbatch} is smaller than one sequence of the "
-            f"longest length stage ({longest} completion tokens plus the prompt)",
-            key="train.max_tokens_per_microbatch")
+            f"longest length stage ({longest} completion tokens plus the prompt)", key="train.max_tokens_per_microbatch")
     if t.max_consecutive_nonfinite < 1:
         raise ConfigError(f"train.max_consecutive_nonfinite must be >= 1, got {t.max_consecutive_nonfinite}",
                           key="train.max_consecutive_nonfinite")
@@ -590,8 +561,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"loss.tis_cap must be 0 (off) or >= 1 (a cap on the importance weight), got {lo.tis_cap}",
                           key="loss.tis_cap")
     if not cfg.data.levels or any(lv not in (1, 2, 3, 4) for lv in cfg.data.levels):
-        raise ConfigError(f"data.levels must be a non-empty list of 1..4, got {list(cfg.data.levels)}",
-                          key="data.levels")
+        raise ConfigError(f"data.levels must be a non-empty list of 1..4, got {list(cfg.data.levels)}", key="data.levels")
     _validate_data_sources(cfg)
 
 
@@ -619,8 +589,7 @@ def _validate_data_sources(cfg: Config) -> None:
             f"data.unique_problems={d.unique_problems} cannot give each of the {len(d.mixture)} mixture sources a problem",
             key="data.unique_problems")
     if e.suite_limit is not None and e.suite_limit < 1:
-        raise ConfigError(f"eval.suite_limit must be >= 1 (or null for all), got {e.suite_limit}",
-                          key="eval.suite_limit")
+        raise ConfigError(f"eval.suite_limit must be >= 1 (or null for all), got {e.suite_limit}", key="eval.suite_limit")
     if any(not s.strip() for s in e.suite):
         raise ConfigError(f"eval.suite: a dataset name is empty, got {list(e.suite)}", key="eval.suite")
     # Two entries with one name (aime24 and x/aime24.jsonl) are caught by preflight.check_run: the

@@ -106,6 +106,9 @@ def test_an_error_in_an_old_named_section_still_points_at_its_line(tmp_path):
     with pytest.warns(FutureWarning), pytest.raises(
             ConfigError, match=r"old.yaml:4: reward_params.grader_workers must be >= 0"):
         load_config(recipe)
+    # set again by an override (by its old name): the file's line would mislead, the key alone is named
+    with pytest.warns(FutureWarning), pytest.raises(ConfigError, match=r"^reward_params.grader_workers must be >= 0"):
+        load_config(recipe, ["reward.grader_workers=-2"])
 
 
 def test_new_section_names_load_without_a_warning(recwarn):
