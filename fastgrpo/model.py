@@ -430,16 +430,18 @@ def embedded_tokenizer():
     return AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
 
 
-def random_model(model_type: str = "llama", *, seed: int = 0, **config) -> torch.nn.Module:
+def random_model(model_type: str = "llama", *, seed: int = 0, dtype: torch.dtype | None = None,
+                 **config) -> torch.nn.Module:
     """A causal LM of ``model_type`` ("llama", "qwen2", ...) with random weights drawn after
     ``torch.manual_seed(seed)`` (the global RNG is left as it was); ``config``: the model config's
-    fields (hidden_size, vocab_size, ...). Initialization is transformers' own (initializer_range)."""
+    fields (hidden_size, vocab_size, ...). Initialization is transformers' own (initializer_range).
+    ``dtype``: built in that dtype (default float32), never holding a float32 copy of a bf16 model."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_config = AutoConfig.for_model(model_type, **config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(model_config)
+        return AutoModelForCausalLM.from_config(model_config, **({"dtype": dtype} if dtype is not None else {}))
 
 
 def save_random_model(out: str | os.PathLike, model_type: str = "llama", *, seed: int = 0,
@@ -453,7 +455,7 @@ def save_random_model(out: str | os.PathLike, model_type: str = "llama", *, seed
     tokenizer = embedded_tokenizer()
     defaults = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model = random_model(model_type, seed=seed, **{**defaults, **config}).to(dtype)
+    model = random_model(model_type, seed=seed, dtype=dtype, **{**defaults, **config})
     out = Path(out)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -372,7 +372,7 @@ def test_save_random_model_writes_a_loadable_folder_with_the_embedded_tokenizer(
     before = torch.rand(1)
     torch.manual_seed(123)
     ids = {k: getattr(model.config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}  # pad: a zero row
-    again = random_model("qwen2", seed=1, **{**TINY, "vocab_size": 50_000}, **ids).to(torch.bfloat16)
+    again = random_model("qwen2", seed=1, dtype=torch.bfloat16, **{**TINY, "vocab_size": 50_000}, **ids)
     assert torch.rand(1) == before
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     # default vocabulary: the tokenizer's
