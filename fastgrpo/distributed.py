@@ -91,12 +91,12 @@ def setup(cfg: Config) -> int:
         raise ConfigError(
             f"{size} training processes need rollout.mode=server (one vLLM server shared by all ranks), "
             f"got rollout.mode={cfg.rollout.mode!r}; start `python -m fastgrpo.rollout.server --model ...` "
-            "on its own device first"
-        )
+            "on its own device first", key="rollout.mode")
     if cfg.train.optimizer != "adamw":
         # measured: bitsandbytes' 8-bit update kernel refuses DTensors ("got mixed torch.Tensor and DTensor")
         raise ConfigError(f"train.optimizer={cfg.train.optimizer!r} cannot step FSDP2-sharded parameters; "
-                          "use train.optimizer=adamw with several processes (its state is sharded too)")
+                          "use train.optimizer=adamw with several processes (its state is sharded too)",
+                          key="train.optimizer")
     global _owns_process_group
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -47,7 +47,10 @@ __all__ = [
     "model_max_length",
     "packed_hidden_states",
     "packed_token_logprobs",
+    "random_model",
     "resolve_model_path",
+    "save_random_model",
+    "TINY_MODEL_CONFIG",
 ]
 
 logger = logging.getLogger(__name__)
@@ -398,3 +401,63 @@ def apply_liger_patches(model, *, require_cuda: bool = True) -> None:
         raise ValueError(f"model.liger=true: Liger-Kernel has no patches for model type {model_type!r}; "
                          f"set model.liger=false (supported types include llama, qwen2, qwen3, mistral)")
     _apply_liger_kernel_to_instance(model=model, **LIGER_PATCHES)
+
+
+# ----------------------------------------------------------------------------- random models
+# The one home of the random-weight models that tests, benchmarks and `fastgrpo gpu-check` build:
+# nothing is downloaded, the tokenizer is the embedded model's (read from its GGUF).
+
+# SmolLM2's architecture (Llama, tied embeddings), shrunk: the tests' and the rollout benchmark's
+# model. head_dim = 128 / 4 = 32 because vLLM's CPU attention supports head sizes 32, 64, 80, ...
+# only (head_dim 16 fails at the first forward: "Unsupported CPU attention configuration").
+TINY_MODEL_CONFIG = dict(
+    hidden_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=256,
+    max_position_embeddings=1024,
+    tie_word_embeddings=True,
+)
+
+
+def embedded_tokenizer():
+    """The default model's tokenizer and chat template (EOS = <|im_end|>), read from the embedded GGUF
+    without converting the model."""
+    from transformers import AutoTokenizer
+
+    folder, file_name = gguf_source()
+    return AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
+
+
+def random_model(model_type: str = "llama", *, seed: int = 0, dtype: torch.dtype | None = None,
+                 **config) -> torch.nn.Module:
+    """A causal LM of ``model_type`` ("llama", "qwen2", ...) with random weights drawn after
+    ``torch.manual_seed(seed)`` (the global RNG is left as it was); ``config``: the model config's
+    fields (hidden_size, vocab_size, ...). Initialization is transformers' own (initializer_range).
+    ``dtype``: built in that dtype (default float32), never holding a float32 copy of a bf16 model
+    (measured, a 560M-parameter Qwen2 shape: peak RSS +2.57 GiB built in fp32 and cast, +1.09 GiB)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_config = AutoConfig.for_model(model_type, **config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(model_config, **({"dtype": dtype} if dtype is not None else {}))
+
+
+def save_random_model(out: str | os.PathLike, model_type: str = "llama", *, seed: int = 0,
+                      dtype: torch.dtype = torch.float32, **config) -> Path:
+    """Save ``random_model(model_type, seed=seed, **config)`` in ``dtype`` with the embedded tokenizer
+    to the folder ``out``: a model folder that from_pretrained, the trainer and vLLM load.
+
+    vocab_size and the bos/eos/pad token ids default to the tokenizer's (49,152 tokens); a config
+    may set a larger vocab_size (a real model's shape). TINY_MODEL_CONFIG gives the tests' tiny model.
+    """
+    tokenizer = embedded_tokenizer()
+    defaults = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = random_model(model_type, seed=seed, dtype=dtype, **{**defaults, **config})
+    out = Path(out)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -43,11 +43,12 @@ def check_run(cfg: Config) -> RunShape:
     """Raise ConfigError for the first input problem found; return the measured lengths."""
     from fastgrpo.rewards import get_reward
 
-    for name in cfg.rewards:
+    for name in cfg.reward_weights:
         try:
             get_reward(name)
         except ValueError as exc:
-            raise ConfigError(f"rewards.{name}: {exc}") from None
+            raise ConfigError(f"reward_weights.{name}: {exc}", key=f"reward_weights.{name}") from None
+    _check_suite_names(cfg.eval.suite)
     folder, max_len = _check_model(cfg)
     if folder is not None:  # the default model (SmolLM2, Llama) does not post-process its logits
         check_logits_are_the_heads(folder, f"model.path={cfg.model.path!r}")
@@ -59,12 +60,24 @@ def check_run(cfg: Config) -> RunShape:
     try:
         tokenizer = load_tokenizer(folder)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"model.path={cfg.model.path!r}: no usable tokenizer in {folder} ({exc})") from None
+        raise ConfigError(f"model.path={cfg.model.path!r}: no usable tokenizer in {folder} ({exc})",
+                          key="model.path") from None
     train_prompt, train_id = longest_prompt(tokenizer, problems["train"], cfg.data.template, cfg.data.one_shot)
     any_prompt, any_id = max((longest_prompt(tokenizer, p, cfg.data.template, cfg.data.one_shot) for p in problems.values()),
                              key=lambda x: x[0])
     _check_lengths(cfg, folder, max_len, (train_prompt, train_id), (any_prompt, any_id))
     return RunShape(any_prompt, max_len, problems["train"], problems["held_out"])
+
+
+def _check_suite_names(suite: tuple[str, ...]) -> None:
+    """Suite metrics are keyed by dataset name: two entries with one name (aime24, x/aime24.jsonl) would collide."""
+    from fastgrpo.data.sources import dataset_label
+
+    labels = [dataset_label(s) for s in suite]
+    duplicates = sorted({s for s in labels if labels.count(s) > 1})
+    if duplicates:
+        raise ConfigError(f"eval.suite: the names {duplicates} occur twice (metrics are keyed by name)",
+                          key="eval.suite")
 
 
 def _check_model(cfg: Config) -> tuple[Path | None, int | None]:
@@ -76,7 +89,8 @@ def _check_model(cfg: Config) -> tuple[Path | None, int | None]:
     except (OSError, ValueError) as exc:
         also = " With loss.beta > 0 the frozen KL reference is loaded from it too." if cfg.loss.beta > 0 else ""
         raise ConfigError(f"model.path={cfg.model.path!r}: {exc}.{also} Allowed: 'default' (the embedded "
-                          "SmolLM2-135M-Instruct) or a local Hugging Face model folder with config.json") from None
+                          "SmolLM2-135M-Instruct) or a local Hugging Face model folder with config.json",
+                          key="model.path") from None
     return folder, max_len
 
 
@@ -108,7 +122,7 @@ def check_logits_are_the_heads(folder: Path, key: str) -> None:
                     f"{key}: the model in {folder} has {prefix}{attribute}={json.dumps(section[attribute])} "
                     f"(config.json or its class's default): it post-processes its logits, which fastgrpo's fused "
                     f"LM head does not, so its log-probs would not be those of the model that samples. Allowed: "
-                    f"a model that leaves its logits as they are ({allowed})")
+                    f"a model that leaves its logits as they are ({allowed})", key=key)
 
 
 def _config_dict(folder: Path) -> dict:
@@ -142,7 +156,8 @@ def _quiet(logger_name: str) -> Iterator[None]:
 def _row_error(key: str, exc: Exception, problem_key: str, answer_key: str) -> ConfigError:
     message = str(exc).replace("on_error='skip' drops bad rows", "data.on_bad_rows=skip drops bad rows")
     return ConfigError(f"{key}: {message}. Allowed: rows with a non-empty {problem_key!r} string and a non-empty "
-                       f"{answer_key!r} string or number (the field names are data.problem_key and data.answer_key)")
+                       f"{answer_key!r} string or number (the field names are data.problem_key and data.answer_key)",
+                       key=key)
 
 
 def _check_entry(key: str, entry: str, data_dir: str, subdir: str, problem_key: str, answer_key: str,
@@ -154,7 +169,7 @@ def _check_entry(key: str, entry: str, data_dir: str, subdir: str, problem_key: 
     try:
         path = resolve_dataset(entry, data_dir, subdir)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{key}={entry!r}: {exc}. Allowed: {_DATASET_FORMS}") from None
+        raise ConfigError(f"{key}={entry!r}: {exc}. Allowed: {_DATASET_FORMS}", key=key) from None
     try:
         return load_problems(path, problem_key, answer_key, on_error=on_error)
     except (OSError, ValueError, ImportError) as exc:
@@ -179,7 +194,7 @@ def _check_data(cfg: Config) -> dict[str, list[dict]]:
             if d.eval_dataset is not None:
                 _check_entry("data.eval_dataset", d.eval_dataset, d.data_dir, "eval", d.problem_key, d.answer_key,
                              d.on_bad_rows)
-            raise ConfigError(f"data: {exc}") from None
+            raise ConfigError(f"data: {exc}", key="data") from None
         suite = []
         for i, entry in enumerate(cfg.eval.suite):
             suite += _check_entry(f"eval.suite[{i}]", entry, d.data_dir, "eval", "problem", "answer", "raise")[
@@ -236,19 +251,21 @@ def _check_lengths(cfg: Config, folder: Path, max_len: int | None, train_prompt:
         raise ConfigError(
             f"{key}: the longest prompt ({prompt} tokens, problem {prompt_id!r}) plus {completion} completion tokens "
             f"is {needed} tokens, more than the model takes ({max_len}, max_position_embeddings in {where}). "
-            f"Allowed: completions of at most {max(0, max_len - prompt)} tokens")
+            f"Allowed: completions of at most {max(0, max_len - prompt)} tokens", key=key)
     if r.max_model_len is not None:
         if max_len is not None and r.max_model_len > max_len:
             raise ConfigError(f"rollout.max_model_len={r.max_model_len} is more than the model takes ({max_len}, "
-                              f"max_position_embeddings in {where}). Allowed: {needed}..{max_len}, or null (sized from the data)")
+                              f"max_position_embeddings in {where}). Allowed: {needed}..{max_len}, or null (sized from the data)",
+                              key="rollout.max_model_len")
         if r.max_model_len < needed:
             raise ConfigError(
                 f"rollout.max_model_len={r.max_model_len} is smaller than the longest prompt ({prompt} tokens, problem "
-                f"{prompt_id!r}) plus {key}={completion}. Allowed: >= {needed}, or null (sized from the data)")
+                f"{prompt_id!r}) plus {key}={completion}. Allowed: >= {needed}, or null (sized from the data)",
+                key="rollout.max_model_len")
     budget = cfg.train.max_tokens_per_microbatch
     prompt, prompt_id = train_prompt
     if budget < prompt + train_completion:
         raise ConfigError(
             f"train.max_tokens_per_microbatch={budget} is smaller than one training sequence: the longest prompt "
             f"({prompt} tokens, problem {prompt_id!r}) plus {train_key}={train_completion} is {prompt + train_completion} "
-            f"tokens. Allowed: >= {prompt + train_completion}")
+            f"tokens. Allowed: >= {prompt + train_completion}", key="train.max_tokens_per_microbatch")

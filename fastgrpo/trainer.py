@@ -6,7 +6,7 @@ Algorithm choices, each a config key (fastgrpo/config.py holds every default):
   from an in-process vLLM engine (``rollout.engine``) that keeps the sampler's log-probs; with
   ``rollout.dynamic_sampling_rounds`` groups whose rewards all agree are replaced by fresh prompts
   (DAPO), and ``rollout.length_stages`` raises the length limit at given steps (DeepScaleR);
-- reward: a weighted sum of registered rewards (``rewards: {accuracy: 1.0, format: 0.5}``), graded in
+- reward: a weighted sum of registered rewards (``reward_weights: {accuracy: 1.0, format: 0.5}``), graded in
   worker processes with a time bound per answer (fastgrpo/rewards/grader.py);
 - advantage: group-relative, ``(r - mean) / std`` with the std of the group, of the batch, or none
   (``loss.scale_rewards``), one value per completion;
@@ -109,7 +109,7 @@ def collect_groups(engine, sampler, encode, cfg: Config, step: int, max_tokens: 
         answers = [problems[s.prompt_index]["answer"] for s in samples]
         with timer.phase("reward"):
             rewarded.append(compute_rewards(
-                cfg.rewards, texts, answers, settings=cfg.reward, max_completion_length=max_tokens,
+                cfg.reward_weights, texts, answers, settings=cfg.reward_params, max_completion_length=max_tokens,
                 completion_lengths=[len(s.token_ids) for s in samples],
                 truncated=[s.finish_reason == "length" for s in samples]))
         rewards, per_reward = rewarded[-1].totals, rewarded[-1].per_reward
@@ -158,7 +158,7 @@ def train(cfg: Config, resume: bool = False, timer: PhaseTimer | None = None) ->
     out = Path(cfg.log.output_dir)
     if not resume and ckpt.latest_checkpoint(out) is not None:
         raise ConfigError(f"log.output_dir={str(out)!r} holds checkpoints of an earlier run: continue it with "
-                          f"`fastgrpo train --resume {out}`, or choose another --output-dir")
+                          f"`fastgrpo train --resume {out}`, or choose another --output-dir", key="log.output_dir")
     distributed.setup(cfg)  # several ranks under torchrun, else a no-op
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.train.seed)
@@ -406,7 +406,7 @@ def run_eval(engine, tokenizer, problems, cfg: Config, *, step: int, logger: Met
                     temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, template=cfg.data.template,
                     one_shot=cfg.data.one_shot, seed=cfg.train.seed)
     result = evaluate(engine, tokenizer, problems, **settings,
-                      grader=shared_grader(cfg.reward.grader_workers, cfg.reward.grader_timeout_s))
+                      grader=shared_grader(cfg.reward_params.grader_workers, cfg.reward_params.grader_timeout_s))
     metrics = {f"eval_{k}": v for k, v in result.items() if isinstance(v, (int, float))}
     if suite:
         suite_results = run_suite(engine, tokenizer, suite, eval_settings(**settings))

@@ -1,6 +1,6 @@
 """GRPO per-token loss: policy ratio, clipping, k3 KL and the loss-aggregation modes.
 
-Layers (DESIGN style rule 1): the Triton kernels and their launchers ``grpo_loss_forward``/
+Layers (the kernel contract in docs/architecture.md): the Triton kernels and their launchers ``grpo_loss_forward``/
 ``grpo_loss_backward`` (in grpo_loss_triton.py); the same math in torch (``grpo_loss_forward_torch``/
 ``grpo_loss_backward_torch``); ``GRPOLossFunction``; and the functional ``grpo_token_loss``.
 ``impl="reference"`` is the plain torch formula differentiated by autograd.

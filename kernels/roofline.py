@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from .gpus import GPU_DATASHEETS, GpuDatasheet
 from .tiles import default_config_for_itemsize
 
 KB = 1024
@@ -27,12 +28,8 @@ MB = 1024 * KB
 
 @dataclass(frozen=True)
 class GPU:
-    """Published peaks: dense bf16 tensor-core FLOP/s (no sparsity), HBM/GDDR bandwidth, L2, SMs.
-
-    NVIDIA datasheets: A40 (149.7 TFLOPS bf16, 696 GB/s GDDR6, 84 SMs, 6 MB L2 from the GA102
-    whitepaper), A100 80GB SXM (312 TFLOPS, 2,039 GB/s, 108 SMs, 40 MB L2, A100 whitepaper),
-    H100 SXM5 (989 TFLOPS, 3,350 GB/s, 132 SMs, 50 MB L2, H100 whitepaper).
-    """
+    """The roofline's view of a GPU: dense bf16 tensor-core FLOP/s (no sparsity), DRAM bandwidth,
+    L2 and SMs, from the datasheet table (gpus.py) for the GPUs in GPUS."""
 
     name: str
     cc: int
@@ -41,12 +38,17 @@ class GPU:
     l2_bytes: int
     sms: int
 
+    @classmethod
+    def from_datasheet(cls, sheet: GpuDatasheet) -> GPU:
+        if sheet.sms is None or sheet.l2_mib is None or sheet.cc is None:
+            raise ValueError(f"{sheet.name}: the roofline needs sms, l2_mib and cc, got {sheet}")
+        return cls(sheet.label, sheet.cc, sheet.bf16_tflops * 1e12, sheet.mem_bw_gbs * 1e9, sheet.l2_mib * MB,
+                   sheet.sms)
 
-GPUS: dict[str, GPU] = {
-    "A40": GPU("A40", 86, 149.7e12, 696e9, 6 * MB, 84),
-    "A100": GPU("A100", 80, 312e12, 2039e9, 40 * MB, 108),
-    "H100": GPU("H100", 90, 989e12, 3350e9, 50 * MB, 132),
-}
+
+# The GPUs whose datasheet has the roofline's fields: A40, A100 (80 GB SXM), H100 (SXM5).
+GPUS: dict[str, GPU] = {sheet.label: GPU.from_datasheet(sheet) for sheet in GPU_DATASHEETS.values()
+                        if sheet.sms is not None}
 
 
 def gpu_for_device_name(device_name: str) -> GPU | None:

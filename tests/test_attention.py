@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import fastgrpo.attention as attention
 from fastgrpo.attention import (
@@ -22,6 +21,7 @@ from fastgrpo.attention import (
     set_attention_backend,
     varlen_attention,
 )
+from fastgrpo.model import random_model
 
 LENGTHS = [7, 5, 1, 12]
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -174,11 +174,8 @@ def test_flash_arguments_routed_to_torch_match(routed_flash):
 
 
 def _tiny_model(kind, seed=0):
-    torch.manual_seed(seed)
-    if kind == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**TINY))
-    else:  # Qwen2: q/k/v projections carry biases
-        model = Qwen2ForCausalLM(Qwen2Config(**TINY))
+    model = random_model(kind, seed=seed, **TINY)
+    if kind == "qwen2":  # Qwen2: q/k/v projections carry biases
         assert model.model.layers[0].self_attn.q_proj.bias is not None
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     return model.float().train()

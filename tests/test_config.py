@@ -11,12 +11,12 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 def test_defaults_and_overrides():
     cfg = load_config(None, ["train.max_steps=7", "rollout.temperature=0.7", "loss.loss_type=dapo",
-                             "data.levels=[1,3]", "rewards={accuracy: 1.0}"])
+                             "data.levels=[1,3]", "reward_weights={accuracy: 1.0}"])
     assert cfg.train.max_steps == 7
     assert cfg.rollout.temperature == 0.7
     assert cfg.loss.loss_type == "dapo"
     assert cfg.data.levels == (1, 3)
-    assert cfg.rewards == {"accuracy": 1.0}
+    assert cfg.reward_weights == {"accuracy": 1.0}
     assert cfg.model == Config().model  # untouched sections keep their defaults
 
 
@@ -89,3 +89,49 @@ def test_parse_override_nests():
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
     assert isinstance(load_config(path), Config)
+
+
+# --- the renamed sections: reward_weights (was rewards), reward_params (was reward) ------------
+
+
+def test_old_section_names_still_load_with_a_warning_naming_the_new_key(tmp_path):
+    with pytest.warns(FutureWarning, match="'rewards' is renamed 'reward_weights'"):
+        cfg = load_config(None, ["rewards={accuracy: 2.0}"])
+    assert cfg.reward_weights == {"accuracy": 2.0}
+    with pytest.warns(FutureWarning, match="'reward' is renamed 'reward_params'"):
+        cfg = load_config(None, ["reward.compat=open-rs"])
+    assert cfg.reward_params.compat == "open-rs"
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("rewards:\n  format: 1.0\nreward:\n  cosine_max_len: 99\n")
+    with pytest.warns(FutureWarning) as caught:
+        cfg = load_config(recipe)
+    assert {str(w.message).split(": ", 1)[1] for w in caught} == {
+        "the config key 'rewards' is renamed 'reward_weights'; use 'reward_weights'",
+        "the config key 'reward' is renamed 'reward_params'; use 'reward_params'"}
+    assert (cfg.reward_weights, cfg.reward_params.cosine_max_len) == ({"format": 1.0}, 99)
+    # the old and the new name together: one error naming both
+    recipe.write_text("rewards:\n  format: 1.0\nreward_weights:\n  accuracy: 1.0\n")
+    with pytest.raises(ConfigError, match="sets both 'rewards' and 'reward_weights'") as info:
+        load_config(recipe)
+    assert info.value.key == "reward_weights"
+
+
+def test_an_error_in_an_old_named_section_still_points_at_its_line(tmp_path):
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("train:\n  max_steps: 3\nreward:\n  grader_workers: -1\n")
+    with pytest.warns(FutureWarning), pytest.raises(
+            ConfigError, match=r"old.yaml:4: reward_params.grader_workers must be >= 0"):
+        load_config(recipe)
+    # set again by an override (by its old name): the file's line would mislead, the key alone is named
+    with pytest.warns(FutureWarning), pytest.raises(ConfigError, match=r"^reward_params.grader_workers must be >= 0"):
+        load_config(recipe, ["reward.grader_workers=-2"])
+
+
+def test_new_section_names_load_without_a_warning(recwarn):
+    cfg = load_config(None, ["reward_weights={format: 1.0}", "reward_params.cosine_max_len=7"])
+    assert (cfg.reward_weights, cfg.reward_params.cosine_max_len) == ({"format": 1.0}, 7)
+    assert not [w for w in recwarn if issubclass(w.category, FutureWarning)]
+    with pytest.warns(FutureWarning, match="renamed reward_weights"):
+        assert cfg.rewards == {"format": 1.0}  # the attribute's old name too
+    with pytest.warns(FutureWarning, match="renamed reward_params"):
+        assert cfg.reward.cosine_max_len == 7

@@ -80,6 +80,46 @@ def test_group_of_one_names_the_line_in_the_file_and_not_when_overridden(tmp_pat
         load_config(None, ["rollout.num_generations=1"])
 
 
+def test_the_error_carries_its_key_and_the_file_line_comes_from_it(tmp_path):
+    # The message names epsilon_low first; the key at fault is epsilon_high, and its line is found.
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("loss:\n  epsilon_low: 0.2\n  epsilon_high: -0.1\n")
+    with pytest.raises(ConfigError, match=r"^.*recipe.yaml:3: loss.epsilon_low/epsilon_high must be >= 0") as info:
+        load_config(recipe)
+    assert info.value.key == "loss.epsilon_high"
+    # a list entry's error points at the list's line
+    recipe.write_text("train:\n  max_tokens_per_microbatch: 4096\nrollout:\n  length_stages:\n    - [0, 8]\n")
+    with pytest.raises(ConfigError, match=r"recipe.yaml:4: rollout.length_stages\[0\] = \[0, 8\]") as info:
+        load_config(recipe)
+    assert info.value.key == "rollout.length_stages[0]"
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "absent.yaml")
+    assert info.value.key is None
+
+
+def test_config_error_needs_its_key_and_survives_pickling():
+    import pickle
+
+    with pytest.raises(TypeError):
+        ConfigError("train.max_steps must be >= 1")  # noqa: the key is required
+    error = pickle.loads(pickle.dumps(ConfigError("train.max_steps must be >= 1", key="train.max_steps")))
+    assert (str(error), error.key) == ("train.max_steps must be >= 1", "train.max_steps")
+
+
+def test_every_config_error_raised_in_the_package_names_its_key():
+    import ast
+
+    from helpers.paths import REPO
+
+    missing = []
+    for path in sorted([*(REPO / "fastgrpo").rglob("*.py"), *(REPO / "kernels").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "ConfigError"
+                    and not any(k.arg == "key" for k in node.keywords)):
+                missing.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not missing, f"ConfigError without key=: {missing}"
+
+
 @pytest.mark.parametrize("override, message", [
     ("log.checkpoint_every=0", r"log.checkpoint_every must be >= 1, got 0"),
     ("eval.max_completion_length=0", r"eval.max_completion_length must be >= 1, got 0"),
@@ -96,8 +136,8 @@ def test_impossible_values_without_files(override, message):
 
 
 def test_unknown_reward(tiny_model_dir, tmp_path, no_model_loading):
-    fails(tiny(tiny_model_dir, tmp_path, "rewards={accuracy: 1.0, acuracy: 1.0}"),
-          r"^rewards.acuracy: unknown reward 'acuracy'; valid rewards: \[.*'accuracy'")
+    fails(tiny(tiny_model_dir, tmp_path, "reward_weights={accuracy: 1.0, acuracy: 1.0}"),
+          r"^reward_weights.acuracy: unknown reward 'acuracy'; valid rewards: \[.*'accuracy'")
     assert not tmp_path.joinpath("metrics.jsonl").exists()
 
 

@@ -29,7 +29,7 @@ def test_the_recipes_exist():
 @pytest.mark.parametrize("path", ALL, ids=lambda p: p.name)
 def test_config_loads_validates_and_documents_itself(path):
     cfg = load_config(path)
-    for name in cfg.rewards:
+    for name in cfg.reward_weights:
         get_reward(name)  # every reward a recipe names is registered
     text = path.read_text()
     header = text[: text.index("\n" + next(line for line in text.splitlines() if line and not line.startswith("#")))]
@@ -42,7 +42,7 @@ def test_config_loads_validates_and_documents_itself(path):
 @pytest.mark.parametrize("path", ALL, ids=lambda p: p.name)
 def test_a_bad_key_in_a_copy_fails_naming_it(path, tmp_path):
     text = path.read_text()
-    sections = [m.group(1) for m in re.finditer(r"^(\w+):\s*$", text, flags=re.M) if m.group(1) != "rewards"]
+    sections = [m.group(1) for m in re.finditer(r"^(\w+):\s*$", text, flags=re.M) if m.group(1) != "reward_weights"]
     assert sections
     for section in sections:
         broken = tmp_path / path.name
@@ -67,7 +67,7 @@ def test_a_wrong_type_in_a_copy_fails_naming_the_key(path, tmp_path):
 def _differences(a, b, prefix=""):
     out = set()
     for key in a:
-        if isinstance(a[key], dict) and isinstance(b[key], dict) and key != "rewards" and key != "mixture":
+        if isinstance(a[key], dict) and isinstance(b[key], dict) and key != "reward_weights" and key != "mixture":
             out |= _differences(a[key], b[key], f"{prefix}{key}.")
         elif a[key] != b[key]:
             out.add(f"{prefix}{key}")
@@ -80,9 +80,9 @@ def test_open_rs_experiments_differ_only_where_the_paper_says():
     assert _differences(exp1, exp2) == {"data.dataset", "data.mixture", "data.unique_problems",
                                         "rollout.max_completion_length", "log.output_dir"}
     # Exp 3 = Exp 2 with the cosine reward
-    assert _differences(exp2, exp3) == {"rewards", "reward.compat", "reward.cosine_max_len", "log.output_dir"}
-    assert exp3["rewards"] == {"accuracy": 0.0, "think_format": 1.0, "cosine": 2.0}
-    assert (exp3["reward"]["compat"], exp3["reward"]["cosine_max_len"]) == ("open-rs", 3584)
+    assert _differences(exp2, exp3) == {"reward_weights", "reward_params.compat", "reward_params.cosine_max_len", "log.output_dir"}
+    assert exp3["reward_weights"] == {"accuracy": 0.0, "think_format": 1.0, "cosine": 2.0}
+    assert (exp3["reward_params"]["compat"], exp3["reward_params"]["cosine_max_len"]) == ("open-rs", 3584)
     e1 = _cfg("open-rs-exp1")
     assert (e1.rollout.num_generations, e1.rollout.temperature, e1.train.learning_rate) == (6, 0.7, 1e-6)
     assert (e1.rollout.prompts_per_step, e1.train.max_steps, e1.rollout.max_completion_length) == (12, 500, 4096)
@@ -115,7 +115,7 @@ def test_the_overrides_the_headers_suggest_work():
     # open-rs-exp2.yaml: train on the released 7,000-problem file instead of the mixture
     cfg = load_config(CONFIGS / "open-rs-exp2.yaml", ["data.mixture={}", "data.dataset=open-rs", "data.unique_problems=null"])
     assert (cfg.data.mixture, cfg.data.dataset, cfg.data.unique_problems) == ({}, "open-rs", None)
-    # a mixture given on the command line replaces the file's whole mixture (like rewards)
+    # a mixture given on the command line replaces the file's whole mixture (like reward_weights)
     assert load_config(CONFIGS / "open-rs-exp2.yaml", ["data.mixture={a: 1}"]).data.mixture == {"a": 1.0}
     # deepscaler-1.5b.yaml: G = 16 from the 16K stage on
     assert load_config(CONFIGS / "deepscaler-1.5b.yaml", ["rollout.num_generations=16"]).rollout.num_generations == 16

@@ -265,7 +265,7 @@ def test_torchrun_two_ranks_train_against_the_server(tiny_model_dir, rollout_ser
               "rollout.num_generations=4", "rollout.max_completion_length=12", "data.num_train=40",
               "data.num_eval=4", "eval.max_completion_length=8", "eval.samples=2", "train.learning_rate=1e-3",
               "train.warmup_steps=0", "train.max_tokens_per_microbatch=160", "log.checkpoint_every=1",
-              "rewards={distinct_chars: 1.0}"]
+              "reward_weights={distinct_chars: 1.0}"]
     _torchrun(str(WORKER), "train", "--output-dir", str(out), "--max-steps", "2", *common, timeout=900)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "eval" not in r]

@@ -32,7 +32,7 @@ def tiny_args(model_dir, out, *extra):
             "rollout.prompts_per_step=2", "rollout.num_generations=4", "rollout.max_completion_length=12",
             "rollout.dtype=float32", "data.num_train=40", "data.num_eval=4", "eval.before_and_after=false",
             "train.learning_rate=1e-3", "train.warmup_steps=0", "train.max_tokens_per_microbatch=160",
-            "log.checkpoint_every=1", "log.keep_last=3", "rewards={format: 0.5, flaky: 1.0}", *extra]
+            "log.checkpoint_every=1", "log.keep_last=3", "reward_weights={format: 0.5, flaky: 1.0}", *extra]
 
 
 def steps_of(out):

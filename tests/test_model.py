@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fastgrpo import model as fg_model
 from fastgrpo.attention import ATTN_IMPLEMENTATION
@@ -27,6 +27,7 @@ from fastgrpo.model import (
     load_reference,
     packed_hidden_states,
     packed_token_logprobs,
+    random_model,
     resolve_model_path,
 )
 from fastgrpo.packing import pack_sequences
@@ -39,8 +40,7 @@ SPLITS = [(3, 4), (5, 0), (1, 1), (4, 8)]
 
 
 def _tiny_llama(tie, seed=0):
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**TINY, tie_word_embeddings=tie))
+    model = random_model("llama", seed=seed, **TINY, tie_word_embeddings=tie)
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     return model.float().train()
 
@@ -353,3 +353,28 @@ def test_default_model_conversion_round_trip(tmp_path):
     with torch.no_grad():
         ref_logp, _ = hf_logprobs(reference, prompts, completions)
     torch.testing.assert_close(logp.detach(), ref_logp, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- random models
+
+
+def test_save_random_model_writes_a_loadable_folder_with_the_embedded_tokenizer(tmp_path):
+    # the gpu-check's use: a real model's shape (a larger vocabulary than the tokenizer's), in bf16
+    out = fg_model.save_random_model(tmp_path / "m", "qwen2", dtype=torch.bfloat16, seed=1,
+                                     **{**TINY, "vocab_size": 50_000})
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert type(model).__name__ == "Qwen2ForCausalLM" and model.dtype == torch.bfloat16
+    assert model.config.vocab_size == 50_000 and model.config.eos_token_id == tokenizer.eos_token_id
+    assert tokenizer.decode([tokenizer.eos_token_id]) == "<|im_end|>"
+    # the seed decides the weights; the caller's RNG is left alone
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    ids = {k: getattr(model.config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}  # pad: a zero row
+    again = random_model("qwen2", seed=1, dtype=torch.bfloat16, **{**TINY, "vocab_size": 50_000}, **ids)
+    assert torch.rand(1) == before
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    # default vocabulary: the tokenizer's
+    small = fg_model.save_random_model(tmp_path / "s", **fg_model.TINY_MODEL_CONFIG)
+    assert AutoModelForCausalLM.from_pretrained(small).config.vocab_size == len(AutoTokenizer.from_pretrained(small))

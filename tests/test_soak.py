@@ -52,7 +52,7 @@ def test_default_run_for_50_steps_through_faults(tmp_path, tiny_model_dir):
                  "eval.max_completion_length=8"]
     args = [*model, f"log.output_dir={out}", f"train.max_steps={STEPS}", f"log.checkpoint_every={EVERY}",
             "log.keep_last=2", "rollout.prompts_per_step=2", "rollout.num_generations=4", "data.num_eval=4",
-            "eval.samples=2", "rewards={accuracy: 1.0, format: 0.5, flaky: 0.1}"]
+            "eval.samples=2", "reward_weights={accuracy: 1.0, format: 0.5, flaky: 0.1}"]
 
     # run 1: NaN at step 10, killed while writing checkpoint-20
     proc = harness(out, log, ["--nan-steps", str(NAN_STEP), "--stall-checkpoint", str(KILLED_CHECKPOINT)], args)

@@ -51,7 +51,7 @@ RIGHT, WRONG = "\\boxed{1}", "\\boxed{2}"
 
 def config(*extra):
     return load_config(None, ["rollout.prompts_per_step=2", "rollout.num_generations=2",
-                              "rewards={accuracy: 1.0}", *extra])
+                              "reward_weights={accuracy: 1.0}", *extra])
 
 
 def test_dynamic_sampling_replaces_flat_groups_with_fresh_prompts():

@@ -69,22 +69,14 @@ class Outcome:
 
 def same_shape_random_model(out: Path) -> Path:
     """A random Qwen2 model with DeepSeek-R1-Distill-Qwen-1.5B's shape and the default tokenizer."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from fastgrpo.model import load_tokenizer
+    from fastgrpo.model import save_random_model
     from fastgrpo.perf.plan import PRESETS
 
     shape = PRESETS["deepseek-r1-distill-qwen-1.5b"]
-    tokenizer = load_tokenizer("default")
-    config = Qwen2Config(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-                         num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-                         num_key_value_heads=shape.kv_heads, tie_word_embeddings=shape.tied,
-                         max_position_embeddings=32768, eos_token_id=tokenizer.eos_token_id,
-                         bos_token_id=tokenizer.bos_token_id, torch_dtype="bfloat16")
-    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return save_random_model(out, "qwen2", dtype=torch.bfloat16, vocab_size=shape.vocab, hidden_size=shape.hidden,
+                             intermediate_size=shape.intermediate, num_hidden_layers=shape.layers,
+                             num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+                             tie_word_embeddings=shape.tied, max_position_embeddings=32768)
 
 
 # ------------------------------------------------------------------------------------------ stages

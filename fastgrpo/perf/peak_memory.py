@@ -88,17 +88,17 @@ def measure_training_peak(shape: ModelShape, tokens: int, *, dtype: str = "float
     Returns {"persistent": weights + gradients + optimizer states + inputs, "step": the largest
     allocation above them during the micro-batch and the step, "peak": their sum}."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fastgrpo.model import random_model
 
     torch.manual_seed(seed)
-    torch_dtype = getattr(torch, dtype)
-    config = AutoConfig.for_model(
-        shape.model_type, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-        head_dim=shape.head_dim, vocab_size=shape.vocab, tie_word_embeddings=shape.tied, use_cache=False,
+    model = random_model(
+        shape.model_type, seed=seed, dtype=getattr(torch, dtype), hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate, num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim, vocab_size=shape.vocab,
+        tie_word_embeddings=shape.tied, use_cache=False,
         attention_bias=shape.o_bias, mlp_bias=shape.mlp_bias,  # Llama's flags; Qwen2's q/k/v biases are built in
         attn_implementation="sdpa")  # one sequence, no mask: SDPA's CPU flash kernel
-    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as load_policy
     model.train()

@@ -27,9 +27,9 @@ Assumptions (each one names what the planner counts):
 
 fastgrpo/perf/peak_memory.py checks the non-GPU parts against torch's allocator on CPU: with the naive
 loss the predicted peak sat within 2.6% of the measured one for SmolLM2/Qwen2 shapes, fp32 and bf16,
-with and without checkpointing (tests/test_plan.py); through the trainer's own calls (packed forward,
+with and without checkpointing (tests/perf/test_plan.py); through the trainer's own calls (packed forward,
 fused loss, AdamW) on the tiny test model and SmolLM2-135M, every component within 20%
-(tests/test_plan_validation.py).
+(tests/perf/test_plan_validation.py).
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from fastgrpo.kernels.gpus import GPU_DATASHEETS
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -58,18 +60,9 @@ class GpuSpec:
     mem_bw_gbs: float
 
 
-# Vendor datasheet values (NVIDIA product datasheets / architecture whitepapers). Memory in MiB as
-# nvidia-smi reports it: A40 46,068 (ECC on), A100-SXM4 40,960 / 81,920, H100 SXM 81,559,
-# L4 23,034 (ECC on), RTX 4090 24,564, RTX A6000 49,140 (ECC off; 46,068 with ECC on).
-GPUS: dict[str, GpuSpec] = {
-    "a40-48gb": GpuSpec("NVIDIA A40 48 GB", 46068 / 1024, 149.7, 696.0),
-    "a100-40gb": GpuSpec("NVIDIA A100 SXM 40 GB", 40960 / 1024, 312.0, 1555.0),
-    "a100-80gb": GpuSpec("NVIDIA A100 SXM 80 GB", 81920 / 1024, 312.0, 2039.0),
-    "h100-80gb": GpuSpec("NVIDIA H100 SXM 80 GB", 81559 / 1024, 989.0, 3350.0),
-    "l4-24gb": GpuSpec("NVIDIA L4 24 GB", 23034 / 1024, 121.0, 300.0),
-    "rtx4090-24gb": GpuSpec("NVIDIA GeForce RTX 4090 24 GB", 24564 / 1024, 165.2, 1008.0),
-    "a6000-48gb": GpuSpec("NVIDIA RTX A6000 48 GB", 49140 / 1024, 154.8, 768.0),
-}
+# The datasheet table is shared with the roofline (fastgrpo/kernels/gpus.py: numbers and sources).
+GPUS: dict[str, GpuSpec] = {key: GpuSpec(sheet.name, sheet.memory_mib / 1024, sheet.bf16_tflops, sheet.mem_bw_gbs)
+                            for key, sheet in GPU_DATASHEETS.items()}
 
 # CUDA context (~0.5 GiB with cuBLAS workspaces) plus caching-allocator fragmentation.
 CUDA_CONTEXT_GIB = 1.5

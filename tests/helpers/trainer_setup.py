@@ -27,6 +27,6 @@ def tiny_config(model_dir, out, engine, *extra):
         # a large learning rate so that one step visibly moves a random model's weights
         "train.learning_rate=1e-3", "train.warmup_steps=0", "train.max_steps=2",
         "train.max_tokens_per_microbatch=160", "log.checkpoint_every=1", "log.keep_last=3",
-        "rewards={accuracy: 1.0, format: 0.5, distinct_chars: 1.0}",
+        "reward_weights={accuracy: 1.0, format: 0.5, distinct_chars: 1.0}",
         *extra,
     ])

@@ -45,11 +45,10 @@ TINY = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_atte
 def test_param_count_and_optimizer_bytes_equal_a_real_model(config):
     """The shape's count equals the numel of a transformers model built from the same config.json,
     and the optimizer-state formula equals the bytes torch AdamW / bitsandbytes AdamW8bit allocate."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from fastgrpo.model import random_model
 
     shape = shape_from_config(config)
-    cfg = AutoConfig.for_model(**config)
-    model = AutoModelForCausalLM.from_config(cfg)
+    model = random_model(**config)
     params = list(model.parameters())
     assert shape.param_count() == sum(p.numel() for p in params)
     assert sorted(shape.param_tensor_sizes()) == sorted(p.numel() for p in params)
@@ -213,3 +212,23 @@ def test_plan_matches_a_measured_cpu_peak_small(ckpt):
 @pytest.mark.parametrize("ckpt", [False, True])
 def test_plan_matches_measured_cpu_peaks(name, layers, vocab, tokens, dtype, ckpt):
     _check_against_measurement(replace(PRESETS[name], layers=layers, vocab=vocab), tokens, dtype, ckpt)
+
+
+def test_the_planner_and_the_roofline_read_one_datasheet_table():
+    from fastgrpo.kernels import roofline
+    from fastgrpo.kernels.gpus import GPU_DATASHEETS
+
+    # every name the CLI took before the table was shared, with its numbers
+    assert list(GPUS) == ["a40-48gb", "a100-40gb", "a100-80gb", "h100-80gb", "l4-24gb", "rtx4090-24gb", "a6000-48gb"]
+    assert [(g.bf16_tflops, g.mem_bw_gbs, round(g.memory_gib * 1024)) for g in GPUS.values()] == [
+        (149.7, 696.0, 46068), (312.0, 1555.0, 40960), (312.0, 2039.0, 81920), (989.0, 3350.0, 81559),
+        (121.0, 300.0, 23034), (165.2, 1008.0, 24564), (154.8, 768.0, 49140)]
+    assert {name: (g.cc, g.bf16_flops, g.mem_bytes_per_s, g.l2_bytes, g.sms) for name, g in roofline.GPUS.items()} == {
+        "A40": (86, 149.7e12, 696e9, 6 << 20, 84), "A100": (80, 312e12, 2039e9, 40 << 20, 108),
+        "H100": (90, 989e12, 3350e9, 50 << 20, 132)}
+    # one source: the planner's and the roofline's A40 are the same row
+    sheet = GPU_DATASHEETS["a40-48gb"]
+    assert GPUS["a40-48gb"].bf16_tflops * 1e12 == roofline.GPUS["A40"].bf16_flops == sheet.bf16_tflops * 1e12
+    assert roofline.GPUS["A100"] == roofline.GPU.from_datasheet(GPU_DATASHEETS["a100-80gb"])
+    with pytest.raises(ValueError, match="the roofline needs sms, l2_mib and cc"):
+        roofline.GPU.from_datasheet(GPU_DATASHEETS["l4-24gb"])

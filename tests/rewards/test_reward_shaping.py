@@ -1,5 +1,5 @@
 """Tests for fastgrpo.rewards.shaping and its rewards: cosine length (fastgrpo and open-rs compat), n-gram
-repetition, DAPO soft overlong punishment, language drift; the `reward` config section.
+repetition, DAPO soft overlong punishment, language drift; the `reward_params` config section.
 
 Expected values are worked out by hand from the formulas in the docstrings.
 """
@@ -205,29 +205,29 @@ def test_language_scan_is_bounded():
 
 
 # ---------------------------------------------------------------------------------------------
-# the `reward` config section
+# the `reward_params` config section
 # ---------------------------------------------------------------------------------------------
 
 
 def test_reward_config_defaults_and_overrides():
-    cfg = load_config(overrides=["reward.compat=open-rs", "reward.cosine_max_len=3584", "reward.grader_workers=0"])
-    assert cfg.reward.compat == "open-rs" and cfg.reward.cosine_max_len == 3584 and cfg.reward.grader_workers == 0
-    assert load_config().reward == RewardConfig()
+    cfg = load_config(overrides=["reward_params.compat=open-rs", "reward_params.cosine_max_len=3584", "reward_params.grader_workers=0"])
+    assert cfg.reward_params.compat == "open-rs" and cfg.reward_params.cosine_max_len == 3584 and cfg.reward_params.grader_workers == 0
+    assert load_config().reward_params == RewardConfig()
 
 
 @pytest.mark.parametrize("override, message", [
-    ("reward.compat=open-r1", "reward.compat: 'open-r1' is not one of fastgrpo, open-rs"),
-    ("reward.cosine_max_len=0", "reward.cosine_max_len must be >= 1"),
-    ("reward.cosine_wrong_at_max=.inf", "reward.cosine_wrong_at_max must be a finite number"),
-    ("reward.repetition_ngram_size=0", "reward.repetition_ngram_size must be >= 1"),
-    ("reward.repetition_max_penalty=-1", "reward.repetition_max_penalty is a penalty's magnitude"),
-    ("reward.overlong_penalty=-0.5", "reward.overlong_penalty is a penalty's magnitude"),
-    ("reward.language_penalty=.nan", "reward.language_penalty is a penalty's magnitude"),
-    ("reward.overlong_buffer_len=65", r"reward.overlong_buffer_len must be in 1..64"),
-    ("reward.overlong_buffer_len=0", r"reward.overlong_buffer_len must be in 1..64"),
-    ("reward.grader_timeout_s=0", "reward.grader_timeout_s must be a finite number of seconds > 0"),
-    ("reward.grader_workers=-1", "reward.grader_workers must be >= 0"),
-    ("reward.grader_workers=1.5", "reward.grader_workers: expected an integer"),
+    ("reward_params.compat=open-r1", "reward_params.compat: 'open-r1' is not one of fastgrpo, open-rs"),
+    ("reward_params.cosine_max_len=0", "reward_params.cosine_max_len must be >= 1"),
+    ("reward_params.cosine_wrong_at_max=.inf", "reward_params.cosine_wrong_at_max must be a finite number"),
+    ("reward_params.repetition_ngram_size=0", "reward_params.repetition_ngram_size must be >= 1"),
+    ("reward_params.repetition_max_penalty=-1", "reward_params.repetition_max_penalty is a penalty's magnitude"),
+    ("reward_params.overlong_penalty=-0.5", "reward_params.overlong_penalty is a penalty's magnitude"),
+    ("reward_params.language_penalty=.nan", "reward_params.language_penalty is a penalty's magnitude"),
+    ("reward_params.overlong_buffer_len=65", r"reward_params.overlong_buffer_len must be in 1..64"),
+    ("reward_params.overlong_buffer_len=0", r"reward_params.overlong_buffer_len must be in 1..64"),
+    ("reward_params.grader_timeout_s=0", "reward_params.grader_timeout_s must be a finite number of seconds > 0"),
+    ("reward_params.grader_workers=-1", "reward_params.grader_workers must be >= 0"),
+    ("reward_params.grader_workers=1.5", "reward_params.grader_workers: expected an integer"),
 ])
 def test_reward_config_ranges(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -236,4 +236,4 @@ def test_reward_config_ranges(override, message):
 
 def test_overlong_buffer_must_fit_every_length_stage():
     with pytest.raises(ConfigError, match=r"overlong_buffer_len must be in 1..32"):
-        load_config(overrides=["reward.overlong_buffer_len=40", "rollout.length_stages=[[1, 64], [5, 32]]"])
+        load_config(overrides=["reward_params.overlong_buffer_len=40", "rollout.length_stages=[[1, 64], [5, 32]]"])

@@ -22,11 +22,10 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MODEL_CONFIG
 
 from fastgrpo.rollout import vllm as vllm_engine
 from fastgrpo.config import TrainConfig
-from fastgrpo.model import apply_liger_patches
+from fastgrpo.model import TINY_MODEL_CONFIG, apply_liger_patches, random_model
 from fastgrpo.optim import build_optimizer
 
 
@@ -153,8 +152,8 @@ def test_liger_patches_swap_norms_mlps_and_rope_only(family):
 
     module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
     prefix = FAMILIES[family]
-    config = getattr(module, f"{prefix}Config")(vocab_size=300, **TINY_MODEL_CONFIG)
-    model = getattr(module, f"{prefix}ForCausalLM")(config)
+    model = random_model(family, vocab_size=300, **TINY_MODEL_CONFIG)
+    assert type(model).__name__ == f"{prefix}ForCausalLM"
     before = dict(vars(module))
     try:
         apply_liger_patches(model, require_cuda=False)

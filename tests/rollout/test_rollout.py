@@ -330,3 +330,14 @@ def test_vllm_seeded_batch_larger_than_one_prefill_budget(vllm_engine):
     assert len(groups) == 2 and groups[0][0] == 0 and groups[-1][1] == n_prompts
     out = vllm_engine.generate([prompt] * n_prompts, n=2, max_tokens=2, temperature=1.0, seed=7)
     assert len(out) == 2 * n_prompts and all(len(c.token_ids) >= 1 for c in out)
+
+
+def test_engines_without_anything_to_free_inherit_the_no_ops():
+    from fastgrpo.rollout.base import EngineBase
+    from fastgrpo.rollout.server import RemoteEngine
+
+    for cls, no_ops in ((TransformersEngine, ("sleep", "wake_up", "close")), (RemoteEngine, ("sleep", "wake_up"))):
+        assert issubclass(cls, EngineBase)
+        assert all(getattr(cls, name) is getattr(EngineBase, name) for name in no_ops), cls
+    # vLLM frees and restores memory: its own methods
+    assert all(getattr(VLLMEngine, name) is not getattr(EngineBase, name) for name in ("sleep", "wake_up", "close"))
