@@ -187,17 +187,41 @@ def split_sequences(lengths: list[int], ranks: int) -> list[list[int]]:
     return [sorted(p) for p in parts]
 
 
-def local_rollout(rollout: Any) -> Any:
+def split_groups(prompt_index: list[int], prompt_lens: list[int], completion_lens: list[int],
+                 ranks: int) -> list[list[int]]:
+    """``split_sequences`` over whole groups (the sequences sharing a prompt index): a group never
+    splits across ranks, so each rank packs its prompts once (``train.shared_prefix``). Groups are
+    balanced by their packed tokens (prompt once + completions), equal in count (+-1). Takes
+    per-sequence prompt and completion lengths; returns ascending sequence-index lists."""
+    members: dict[int, list[int]] = {}
+    for i, p in enumerate(prompt_index):
+        members.setdefault(p, []).append(i)
+    groups = list(members.values())
+    if len(groups) < ranks:
+        raise ValueError(f"{len(groups)} prompt groups cannot be split over {ranks} ranks with "
+                         "train.shared_prefix=true (a group never splits): raise rollout.prompts_per_step "
+                         "or set train.shared_prefix=false")
+    parts = split_sequences([prompt_lens[g[0]] + sum(completion_lens[i] for i in g) for g in groups], ranks)
+    return [sorted(i for g in part for i in groups[g]) for part in parts]
+
+
+def local_rollout(rollout: Any, whole_groups: bool = False) -> Any:
     """This rank's share of a global Rollout (all of it on one process).
 
     Per-sequence fields (lists, and tensors whose first dimension is the number of sequences) are
-    indexed by ``split_sequences``; ``prompts`` stays whole, so ``prompt_index`` keeps its meaning.
+    indexed by ``split_sequences`` (``split_groups`` when ``whole_groups``); ``prompts`` stays
+    whole, so ``prompt_index`` keeps its meaning.
     """
     if not is_distributed():
         return rollout
     n = len(rollout.completions)
     lengths = [len(rollout.prompts[p]) + len(c) for p, c in zip(rollout.prompt_index, rollout.completions)]
-    mine = split_sequences(lengths, world_size())[rank()]
+    if whole_groups:
+        prompt_lens = [len(rollout.prompts[p]) for p in rollout.prompt_index]
+        completion_lens = [len(c) for c in rollout.completions]
+        mine = split_groups(list(rollout.prompt_index), prompt_lens, completion_lens, world_size())[rank()]
+    else:
+        mine = split_sequences(lengths, world_size())[rank()]
     changes = {}
     for f in dataclasses.fields(rollout):
         value = getattr(rollout, f.name)

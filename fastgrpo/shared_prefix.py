@@ -36,6 +36,7 @@ __all__ = [
     "pack_groups",
     "pack_microbatch",
     "plan_group_microbatches",
+    "plan_step_microbatches",
     "shared_token_count",
 ]
 
@@ -155,7 +156,7 @@ def _group_units(
             need = completion_lens[i] if piece else prompt_lens[i] + completion_lens[i]
             if piece and used + need > max_tokens:
                 units.append(piece)
-                piece, need = [], prompt_lens[i] + completion_lens[i]
+                piece, used, need = [], 0, prompt_lens[i] + completion_lens[i]
             if need > max_tokens:
                 raise ValueError(
                     f"sequence {i} has {need} tokens (prompt {prompt_lens[i]} + completion "
@@ -208,6 +209,19 @@ def shared_token_count(
     """Packed tokens with shared prompts: each run of equal ``prompt_index`` counts its prompt once."""
     runs = _runs(prompt_index)
     return sum(prompt_lens[start] for start, _ in runs) + sum(completion_lens)
+
+
+def plan_step_microbatches(
+    prompts: Sequence[Sequence[int]], prompt_index: Sequence[int], completion_ids: Sequence[Sequence[int]],
+    max_tokens: int, shared_prefix: bool,
+) -> list[list[int]]:
+    """A step's micro-batches (lists of sequence indices) for the layout ``train.shared_prefix``
+    asks for: whole groups (``plan_group_microbatches``) or single sequences."""
+    prompt_lens = [len(prompts[p]) for p in prompt_index]
+    completion_lens = [len(c) for c in completion_ids]
+    if shared_prefix:
+        return plan_group_microbatches(prompt_lens, prompt_index, completion_lens, max_tokens)
+    return plan_microbatches([p + c for p, c in zip(prompt_lens, completion_lens)], max_tokens)
 
 
 def pack_microbatch(

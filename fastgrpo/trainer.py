@@ -53,12 +53,12 @@ from fastgrpo.data.sampling import make_sampler
 from fastgrpo.model import (apply_liger_patches, lm_head_weight, load_policy, load_reference, load_tokenizer,
                             packed_hidden_states, packed_token_logprobs, resolve_model_path)
 from fastgrpo.optim import build_optimizer, build_scheduler
-from fastgrpo.packing import pack_sequences, plan_microbatches
 from fastgrpo.phases import PhaseTimer
 from fastgrpo.preflight import check_run
 from fastgrpo.rewards import compute_rewards, pop_reward_metrics
 from fastgrpo.rollout.base import Completion
 from fastgrpo.rollout import make_engine
+from fastgrpo.shared_prefix import pack_microbatch, plan_step_microbatches
 
 log = logging.getLogger("fastgrpo")
 
@@ -355,11 +355,15 @@ def grpo_update(policy, reference, optimizer, rollout: Rollout, cfg: Config, dev
     n_seqs = max(1, len(kept))
     n_tokens = max(1, sum(len(rollout.completions[i]) for i in kept))
     all_tokens = max(1, sum(len(c) for c in rollout.completions))  # metrics are means over every token
-    rollout = distributed.local_rollout(rollout)
+    shared = cfg.train.shared_prefix  # shared-prompt groups: each prompt packed once per group
+    rollout = distributed.local_rollout(rollout, whole_groups=shared)
     lengths = [len(rollout.prompts[p]) + len(c) for p, c in zip(rollout.prompt_index, rollout.completions)]
-    plans = distributed.same_microbatch_count(plan_microbatches(lengths, cfg.train.max_tokens_per_microbatch), lengths)
+    plans = distributed.same_microbatch_count(
+        plan_step_microbatches(rollout.prompts, rollout.prompt_index, rollout.completions,
+                               cfg.train.max_tokens_per_microbatch, shared), lengths)
     n_microbatches = len(plans) * distributed.world_size()
-    batches = [pack_sequences(*rollout.sequences(idx)).to(device) for idx in plans]
+    batches = [pack_microbatch(rollout.prompts, rollout.prompt_index, rollout.completions, idx, shared).to(device)
+               for idx in plans]
     temperature = cfg.rollout.temperature
     lo = cfg.loss
 
@@ -382,13 +386,17 @@ def grpo_update(policy, reference, optimizer, rollout: Rollout, cfg: Config, dev
             sampler_lp = torch.tensor([x for i in idx for x in rollout.sampler_logprobs[i]], dtype=torch.float32,
                                       device=device)
             keep = torch.tensor([not rollout.truncated[i] for i in idx], device=device) if lo.mask_truncated else None
+            # Advantages per token [Nc], not per sequence: the loss takes either and reads an [S] tensor
+            # as per-token when Nc == S (three completions of 0, 1 and 2 tokens got a wrong loss).
+            advantages = torch.repeat_interleave(rollout.advantages[idx].to(device),
+                                                 batch.completion_cu_seqlens.diff().long())
             # One pass over the LM head: log-probs, loss and the gradients w.r.t. the hidden states
             # and the head weight (3 matmuls, logits never materialized), then backward through the model.
             with timer.phase("forward"):
                 loss, logp, entropy, metrics = fused_grpo_loss(
                     packed_hidden_states(policy, batch), lm_head_weight(policy), batch.targets,
                     old_logps[k] if old_logps else None, ref_logps[k] if ref_logps else None,
-                    rollout.advantages[idx].to(device), batch.completion_cu_seqlens, temperature=temperature,
+                    advantages, batch.completion_cu_seqlens, temperature=temperature,
                     loss_type=lo.loss_type, epsilon_low=lo.epsilon_low, epsilon_high=lo.epsilon_high, beta=lo.beta,
                     max_completion_length=max_completion_length or cfg.rollout.max_completion_length,
                     num_sequences=n_seqs, num_tokens=n_tokens, num_microbatches=n_microbatches, return_entropy=True,
