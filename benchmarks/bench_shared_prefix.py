@@ -11,8 +11,8 @@ Cases:
     long-prompt  2 prompts of 1,024 tokens x G = 8 completions of 256 tokens.
 Each round runs both layouts once, alternating which goes first (so drift on a shared machine hits
 both); the benchmark's own timing is of the pair, and extra_info holds each layout's median seconds
-per phase, its packed tokens, its peak allocation (torch.profiler's CPU allocation total above the
-start, one separate run per layout; CUDA: max_memory_allocated) and the ratios. The model is the
+per phase, its packed tokens, its memory (CPU: the bytes autograd saves for backward, i.e. the
+activations; CUDA: max_memory_allocated above the start; one separate run per layout) and the ratios. The model is the
 tiny random Llama of bench_rollout (2 cores) unless ``FASTGRPO_BENCH_MODEL`` names a model folder
 (e.g. the default model's). Wall-clock is reported, never asserted; exactness is tested in
 tests/test_shared_prefix*.py.
@@ -32,8 +32,6 @@ from fastgrpo.config import load_config
 from fastgrpo.data.problems import load_training_data
 from fastgrpo.data.prompts import build_messages, encode_prompt
 from fastgrpo.model import load_policy, load_reference, load_tokenizer
-from fastgrpo.optim import build_optimizer
-from fastgrpo.perf.peak_memory import allocation_windows
 from fastgrpo.phases import PhaseTimer
 from fastgrpo.shared_prefix import plan_step_microbatches, pack_microbatch
 from fastgrpo.trainer import Rollout, grpo_update
@@ -73,6 +71,23 @@ def _rollout(cfg, tokenizer, case: str) -> Rollout:
                    [False] * len(completions))
 
 
+def saved_for_backward_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd saves for backward while fn runs (the activations
+    kept from forward to backward, the bulk of a micro-batch's peak; one micro-batch here). On CPU
+    this replaces torch.profiler's allocation totals, which took minutes per update of the real
+    model on 2 cores."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return sum(storages.values())
+
+
 def _packed_tokens(rollout: Rollout, budget: int, shared: bool) -> int:
     plans = plan_step_microbatches(rollout.prompts, rollout.prompt_index, rollout.completions, budget, shared)
     return sum(pack_microbatch(rollout.prompts, rollout.prompt_index, rollout.completions, idx, shared).num_tokens
@@ -106,7 +121,7 @@ def test_shared_prefix_against_prompt_copies(benchmark, model_dir, case):
             before = torch.cuda.memory_allocated()
             update(layout)
             return torch.cuda.max_memory_allocated() - before
-        return allocation_windows(lambda: update(layout))[0]
+        return saved_for_backward_bytes(lambda: update(layout))
 
     peaks = {layout: peak_bytes(layout) for layout in ("copies", "shared")}  # also the warm-up
     timer.pop()
@@ -127,7 +142,7 @@ def test_shared_prefix_against_prompt_copies(benchmark, model_dir, case):
         layout: dict(packed_tokens=tokens[layout], train_s=round(train_s(layout), 3),
                      phase_s={p: round(statistics.median(t.get(f"{p}_s", 0.0) for t in times[layout]), 3)
                               for p in TRAIN_PHASES},
-                     peak_mib=round(peaks[layout] / 2**20, 1))
+                     memory_mib=round(peaks[layout] / 2**20, 1))
         for layout in ("copies", "shared")
     }
     ratios = dict(tokens=tokens["copies"] / tokens["shared"], time=train_s("copies") / train_s("shared"),
@@ -135,8 +150,8 @@ def test_shared_prefix_against_prompt_copies(benchmark, model_dir, case):
     benchmark.extra_info.update(model=model_dir.name, case=case, overrides=OVERRIDES, **result,
                                 copies_over_shared={k: round(v, 2) for k, v in ratios.items()})
     print(f"\n{case} ({model_dir.name}, {device}, {' '.join(OVERRIDES) or 'default config'}): "
-          + "; ".join(f"{layout} {r['packed_tokens']} tokens {r['train_s']:.3f} s {r['peak_mib']} MiB"
+          + "; ".join(f"{layout} {r['packed_tokens']} tokens {r['train_s']:.3f} s {r['memory_mib']} MiB"
                       for layout, r in result.items())
           + f"; copies/shared: tokens {ratios['tokens']:.2f}x, time {ratios['time']:.2f}x, "
-            f"peak memory {ratios['memory']:.2f}x")
+            f"{'peak' if device.type == 'cuda' else 'saved-for-backward'} memory {ratios['memory']:.2f}x")
     assert tokens["shared"] < tokens["copies"] and all(len(t) == ROUNDS for t in times.values())
