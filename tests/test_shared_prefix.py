@@ -304,3 +304,19 @@ def test_shared_prefix_needs_the_fastgrpo_attention(tiny_llama, monkeypatch):
     batch = pack_groups(*_groups(*AWKWARD))
     with pytest.raises(ValueError, match=r"need attn_implementation 'fastgrpo_varlen'.*train.shared_prefix=false"):
         packed_hidden_states(tiny_llama, batch)
+
+
+def test_gradient_checkpointing_passes_the_shared_layout_through(tiny_llama):
+    """Checkpointed layers re-run their forward in backward: the gather index must reach it too."""
+    prompts, prompt_index, completions = _groups(*CASES["G=2"], seed=3)
+    shared = pack_groups(prompts, prompt_index, completions)
+    advantages = torch.randn(len(completions), generator=torch.Generator().manual_seed(1))
+    tiny_llama.train()
+    _, _, plain_grads = _loss_and_grads(tiny_llama, shared, advantages)
+    tiny_llama.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        _, _, checkpointed = _loss_and_grads(tiny_llama, shared, advantages)
+    finally:
+        tiny_llama.gradient_checkpointing_disable()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7, msg=name)
