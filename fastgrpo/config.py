@@ -160,6 +160,13 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     num_iterations: int = 1  # optimizer passes over one rollout batch (>1 uses old log-probs)
     max_tokens_per_microbatch: int = 4096
+    # Pack each prompt once per group, followed by its G completions (fastgrpo/shared_prefix.py),
+    # in the policy forward/backward and the reference and old log-prob passes: exact (the same
+    # loss, log-probs and gradients as one copy per completion) and, in the default run (prompt 98
+    # tokens, G = 8, completions ~21), 952 -> 266 tokens per group. false: one copy per completion.
+    # Measured on CPU, SmolLM2-135M, 8 prompts x 8 (benchmarks/bench_shared_prefix.py): forward +
+    # backward 2.0x faster, activations saved for backward 2.97x smaller.
+    shared_prefix: bool = True
     seed: int = 0
     # Non-finite loss or gradient: the update is skipped and counted; this many in a row stop the
     # run with a checkpoint (a diverged run only burns GPU hours from there).

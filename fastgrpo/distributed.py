@@ -187,13 +187,37 @@ def split_sequences(lengths: list[int], ranks: int) -> list[list[int]]:
     return [sorted(p) for p in parts]
 
 
-def local_rollout(rollout: Rollout) -> Rollout:
+def split_groups(prompt_index: list[int], prompt_lens: list[int], completion_lens: list[int],
+                 ranks: int) -> list[list[int]]:
+    """``split_sequences`` over whole groups (the sequences sharing a prompt index): a group never
+    splits across ranks, so each rank packs its prompts once (``train.shared_prefix``). Groups are
+    balanced by their packed tokens (prompt once + completions), equal in count (+-1). Takes
+    per-sequence prompt and completion lengths; returns ascending sequence-index lists."""
+    members: dict[int, list[int]] = {}
+    for i, p in enumerate(prompt_index):
+        members.setdefault(p, []).append(i)
+    groups = list(members.values())
+    if len(groups) < ranks:
+        raise ValueError(f"{len(groups)} prompt groups cannot be split over {ranks} ranks with "
+                         "train.shared_prefix=true (a group never splits): raise rollout.prompts_per_step "
+                         "or set train.shared_prefix=false")
+    parts = split_sequences([prompt_lens[g[0]] + sum(completion_lens[i] for i in g) for g in groups], ranks)
+    return [sorted(i for g in part for i in groups[g]) for part in parts]
+
+
+def local_rollout(rollout: Rollout, whole_groups: bool = False) -> Rollout:
     """This rank's share of a global Rollout (all of it on one process): the sequences
-    ``split_sequences`` gives this rank, selected with ``Rollout.select``."""
+    ``split_sequences`` gives this rank (``split_groups`` when ``whole_groups``: a group never splits
+    across ranks, so each rank packs its prompts once), selected with ``Rollout.select``."""
     if not is_distributed():
         return rollout
     lengths = [len(rollout.prompts[p]) + len(c) for p, c in zip(rollout.prompt_index, rollout.completions)]
-    return rollout.select(split_sequences(lengths, world_size())[rank()])
+    if whole_groups:
+        mine = split_groups(list(rollout.prompt_index), [len(rollout.prompts[p]) for p in rollout.prompt_index],
+                            [len(c) for c in rollout.completions], world_size())[rank()]
+    else:
+        mine = split_sequences(lengths, world_size())[rank()]
+    return rollout.select(mine)
 
 
 def same_microbatch_count(plans: list[list[int]], lengths: list[int]) -> list[list[int]]:

@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
-from .attention import ATTN_IMPLEMENTATION
+from .attention import ATTN_IMPLEMENTATION, KV_INDEX_KWARG
 from .packing import PackedBatch
 
 __all__ = [
@@ -327,7 +327,10 @@ def packed_hidden_states(model, batch: PackedBatch) -> Tensor:
 
     The decoder runs over the T packed tokens as one row (batch size 1) with position ids that
     restart per sequence and ``cu_seq_lens_*``/``max_length_*`` kwargs that keep attention inside
-    each sequence. The model must use a packing-aware attention implementation.
+    each sequence. The model must use a packing-aware attention implementation; a batch of
+    shared-prompt groups (``batch.shares_prefixes``) needs ``fastgrpo_varlen``, which also gets its
+    key gather index. The last prompt token of a group appears once per completion in
+    ``logit_positions``: index_select's backward sums their gradients.
     """
     attn_impl = model.config._attn_implementation
     if attn_impl not in _PACKED_ATTENTION:
@@ -335,18 +338,31 @@ def packed_hidden_states(model, batch: PackedBatch) -> Tensor:
             f"packed forward needs attn_implementation in {_PACKED_ATTENTION}, the model uses "
             f"{attn_impl!r}: sdpa/eager would let packed sequences attend to each other"
         )
+    if batch.shares_prefixes and attn_impl != ATTN_IMPLEMENTATION:
+        raise ValueError(
+            f"shared-prompt groups (train.shared_prefix=true) need attn_implementation "
+            f"{ATTN_IMPLEMENTATION!r}, the model uses {attn_impl!r}; set train.shared_prefix=false"
+        )
     device = model.get_input_embeddings().weight.device
     if batch.input_ids.device != device:
         batch = batch.to(device)
-    cu_seqlens = batch.cu_seqlens
+    if batch.shares_prefixes:
+        # Query segments (a group's prompt, each completion) and their gathered keys.
+        attention = {
+            "cu_seq_lens_q": batch.cu_seqlens, "cu_seq_lens_k": batch.cu_seqlens_k,
+            "max_length_q": batch.max_seqlen, "max_length_k": batch.max_seqlen_k,
+            KV_INDEX_KWARG: batch.kv_index,
+        }
+    else:
+        attention = {
+            "cu_seq_lens_q": batch.cu_seqlens, "cu_seq_lens_k": batch.cu_seqlens,
+            "max_length_q": batch.max_seqlen, "max_length_k": batch.max_seqlen,
+        }
     output = model.get_decoder()(
         input_ids=batch.input_ids.unsqueeze(0),
         position_ids=batch.position_ids.unsqueeze(0),
         use_cache=False,
-        cu_seq_lens_q=cu_seqlens,
-        cu_seq_lens_k=cu_seqlens,
-        max_length_q=batch.max_seqlen,
-        max_length_k=batch.max_seqlen,
+        **attention,
     )
     return output.last_hidden_state[0].index_select(0, batch.logit_positions)
 

@@ -41,6 +41,12 @@ class PackedBatch:
         targets: [Nc] int64, the completion token predicted at each of ``logit_positions``.
         completion_cu_seqlens: [S+1] int32, sequence i's completion tokens are
             ``targets[completion_cu_seqlens[i]:completion_cu_seqlens[i+1]]`` (may be empty).
+        kv_index, cu_seqlens_k, max_seqlen_k: None in the layout above, where every sequence
+            attends to itself. Shared-prompt groups (``fastgrpo.shared_prefix``) set them: then
+            ``cu_seqlens`` [N+1] delimits N attention *segments* (a group's prompt, then each of its
+            completions), segment n's keys are the packed tokens
+            ``kv_index[cu_seqlens_k[n]:cu_seqlens_k[n+1]]`` (a completion's: its prompt's, then its
+            own) and its causal mask is aligned bottom-right (the last query sees every key).
     """
 
     input_ids: Tensor
@@ -50,11 +56,19 @@ class PackedBatch:
     logit_positions: Tensor
     targets: Tensor
     completion_cu_seqlens: Tensor
+    kv_index: Tensor | None = None
+    cu_seqlens_k: Tensor | None = None
+    max_seqlen_k: int | None = None
+
+    @property
+    def shares_prefixes(self) -> bool:
+        """True for the shared-prompt-group layout (keys gathered through ``kv_index``)."""
+        return self.kv_index is not None
 
     @property
     def num_sequences(self) -> int:
-        """S, the number of packed sequences."""
-        return self.cu_seqlens.numel() - 1
+        """S, the number of scored (prompt, completion) sequences."""
+        return self.completion_cu_seqlens.numel() - 1
 
     @property
     def num_tokens(self) -> int:
@@ -69,8 +83,8 @@ class PackedBatch:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "PackedBatch":
         """A copy with every tensor on ``device`` (dtypes unchanged)."""
 
-        def move(tensor: Tensor) -> Tensor:
-            return tensor.to(device, non_blocking=non_blocking)
+        def move(tensor: Tensor | None) -> Tensor | None:
+            return None if tensor is None else tensor.to(device, non_blocking=non_blocking)
 
         return PackedBatch(
             input_ids=move(self.input_ids),
@@ -80,6 +94,9 @@ class PackedBatch:
             logit_positions=move(self.logit_positions),
             targets=move(self.targets),
             completion_cu_seqlens=move(self.completion_cu_seqlens),
+            kv_index=move(self.kv_index),
+            cu_seqlens_k=move(self.cu_seqlens_k),
+            max_seqlen_k=self.max_seqlen_k,
         )
 
 

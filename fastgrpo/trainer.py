@@ -54,11 +54,11 @@ from fastgrpo.data.sampling import make_sampler
 from fastgrpo.model import (apply_liger_patches, lm_head_weight, load_policy, load_reference, load_tokenizer,
                             packed_hidden_states, packed_token_logprobs, resolve_model_path)
 from fastgrpo.optim import build_optimizer, build_scheduler
-from fastgrpo.packing import pack_sequences, plan_microbatches
 from fastgrpo.phases import PhaseTimer
 from fastgrpo.preflight import check_run
 from fastgrpo.rewards import RewardBatch, combine_reward_metrics, compute_rewards
 from fastgrpo.rollout import make_engine
+from fastgrpo.shared_prefix import pack_microbatch, plan_step_microbatches
 
 log = logging.getLogger("fastgrpo")
 
@@ -327,11 +327,15 @@ def grpo_update(policy, reference, optimizer, rollout: Rollout, cfg: Config, dev
     # sequences with a token, at the sequence level); see _metric_counts.
     sequence_level = cfg.loss.importance_sampling_level == "sequence"
     kept_counts = _metric_counts(rollout, kept, sequence_level)
-    rollout = distributed.local_rollout(rollout)
+    shared = cfg.train.shared_prefix  # shared-prompt groups: each prompt packed once per group
+    rollout = distributed.local_rollout(rollout, whole_groups=shared)
     lengths = [len(rollout.prompts[p]) + len(c) for p, c in zip(rollout.prompt_index, rollout.completions)]
-    plans = distributed.same_microbatch_count(plan_microbatches(lengths, cfg.train.max_tokens_per_microbatch), lengths)
+    plans = distributed.same_microbatch_count(
+        plan_step_microbatches(rollout.prompts, rollout.prompt_index, rollout.completions,
+                               cfg.train.max_tokens_per_microbatch, shared), lengths)
     n_microbatches = len(plans) * distributed.world_size()
-    batches = [pack_sequences(*rollout.sequences(idx)).to(device) for idx in plans]
+    batches = [pack_microbatch(rollout.prompts, rollout.prompt_index, rollout.completions, idx, shared).to(device)
+               for idx in plans]
     temperature = cfg.rollout.temperature
     lo = cfg.loss
 

@@ -241,20 +241,40 @@ def layer_activation_bytes_per_token(shape: ModelShape, b: int) -> dict[str, int
     }
 
 
-def activation_bytes(shape: ModelShape, tokens: int, b: int, gradient_checkpointing: bool) -> tuple[int, int]:
+def activation_bytes(shape: ModelShape, tokens: int, b: int, gradient_checkpointing: bool,
+                     gathered_keys: int = 0) -> tuple[int, int]:
     """(stored, backward working set) bytes for a micro-batch of ``tokens`` tokens.
+
+    gathered_keys: with shared-prompt groups, the keys gathered beyond the packed tokens (each
+    prompt's k/v once more per completion, ``shared_prefix_gathered_keys``); attention keeps the
+    gathered k and v for backward in every layer (one layer with checkpointing).
 
     stored: what stays alive from the end of forward to backward: every layer's saved tensors, or with
     checkpointing only each layer's input (b H per token), plus the final norm and RoPE cos/sin.
     backward working set: the gradients in flight in one layer's backward (per token, and the largest
     weight gradient of the layer), plus with checkpointing the recomputed layer's saved tensors."""
     per_layer = sum(layer_activation_bytes_per_token(shape, b).values())
+    gathered_per_layer = gathered_keys * 2 * b * shape.kv_dim
     outside_layers = (4 + b) * shape.hidden + 2 * b * shape.head_dim
     largest_weight_grad = b * shape.hidden * max(shape.intermediate, shape.q_dim)
     in_flight = tokens * BACKWARD_IN_FLIGHT_HIDDENS * b * shape.hidden + largest_weight_grad
     if gradient_checkpointing:
-        return tokens * (shape.layers * b * shape.hidden + outside_layers), tokens * per_layer + in_flight
-    return tokens * (shape.layers * per_layer + outside_layers), in_flight
+        return (tokens * (shape.layers * b * shape.hidden + outside_layers),
+                tokens * per_layer + gathered_per_layer + in_flight)
+    return tokens * (shape.layers * per_layer + outside_layers) + shape.layers * gathered_per_layer, in_flight
+
+
+def shared_prefix_tokens(prompt_len: int, completion_len: int, group: int) -> tuple[int, int]:
+    """(packed tokens, gathered keys) of one shared-prompt group (fastgrpo/shared_prefix.py): the
+    prompt once and G completions; the keys are the prompt's, then each completion's prompt + own."""
+    return prompt_len + group * completion_len, prompt_len + group * (prompt_len + completion_len)
+
+
+def shared_prefix_gathered_keys(tokens: int, prompt_len: int, completion_len: int, group: int) -> int:
+    """Keys gathered beyond ``tokens`` packed tokens of full groups: G x P more per group. Counted
+    at full-length completions; shorter ones put more groups (more prompt copies) in a micro-batch."""
+    packed, keys = shared_prefix_tokens(prompt_len, completion_len, group)
+    return math.ceil(tokens * (keys - packed) / packed)
 
 
 def loss_working_set_bytes(loss: str, tokens: int, vocab: int, hidden: int, b: int, torch_chunk_rows: int = 0) -> int:
@@ -344,9 +364,11 @@ class MemoryPlan:
         return out
 
 
-def step_peak_bytes(shape, tokens, *, b, gradient_checkpointing, loss, engine_bytes, loss_ws=None) -> dict[str, int]:
+def step_peak_bytes(shape, tokens, *, b, gradient_checkpointing, loss, engine_bytes, loss_ws=None,
+                    gathered_keys=0) -> dict[str, int]:
     """The micro-batch-dependent components, with the negative credit that makes them sum to the peak.
-    loss_ws: the loss working set if the caller computed it (default: loss_working_set_bytes at T).
+    loss_ws: the loss working set if the caller computed it (default: loss_working_set_bytes at T);
+    gathered_keys: see activation_bytes (shared-prompt groups).
 
     Four phases peak one after another: the loss (stored activations + loss working set), each layer's
     backward (stored + one layer's working set), the embedding's backward, and the weight sync. With
@@ -356,7 +378,7 @@ def step_peak_bytes(shape, tokens, *, b, gradient_checkpointing, loss, engine_by
     micro-batch peak of SmolLM2 widths with checkpointing at 256 tokens); the fused loss hands autograd
     a gradient it alone holds, which the embedding's is added into: 2 x V x H (measured on CPU,
     SmolLM2-135M with checkpointing: 217.5 MiB against 2 x 108.5)."""
-    stored, backward = activation_bytes(shape, tokens, b, gradient_checkpointing)
+    stored, backward = activation_bytes(shape, tokens, b, gradient_checkpointing, gathered_keys)
     lm_head_grad = shape.vocab * shape.hidden * b
     if shape.tied:
         backward += lm_head_grad
@@ -376,12 +398,15 @@ def step_peak_bytes(shape, tokens, *, b, gradient_checkpointing, loss, engine_by
 def plan_memory(shape: ModelShape, gpu: GpuSpec | str, *, max_len: int, group: int = 8, prompts_per_step: int = 8,
                 dtype: str = "bfloat16", optimizer: str = "adamw", gradient_checkpointing: bool = False,
                 loss: str = "fused", beta: float = 0.0, vllm_share: float = 0.3, micro_batch_tokens: int | None = None,
-                vllm_dtype: str = "bfloat16", cuda_context_gib: float = CUDA_CONTEXT_GIB) -> MemoryPlan:
+                vllm_dtype: str = "bfloat16", cuda_context_gib: float = CUDA_CONTEXT_GIB, prompt_len: int = 0,
+                shared_prefix: bool = True) -> MemoryPlan:
     """Peak GPU memory of one GRPO training step with a colocated vLLM engine.
 
     max_len: longest sequence (prompt + completion) in tokens; micro_batch_tokens: packed tokens per
     micro-batch (default max_len; it must hold one sequence of max_len). vllm_share: the fraction of
-    the GPU's memory given to vLLM (0: no engine on this GPU)."""
+    the GPU's memory given to vLLM (0: no engine on this GPU). prompt_len: the prompt's share of
+    max_len (0: not known); with it and shared_prefix (``train.shared_prefix``) the plan counts the
+    packed tokens of a step with each prompt once per group and the keys that attention gathers."""
     gpu = get_gpu(gpu) if isinstance(gpu, str) else gpu
     b = _dtype_bytes(dtype)
     engine_bytes = _dtype_bytes(vllm_dtype, "vllm_dtype")
@@ -396,6 +421,15 @@ def plan_memory(shape: ModelShape, gpu: GpuSpec | str, *, max_len: int, group: i
     tokens = max_len if micro_batch_tokens is None else micro_batch_tokens
     if tokens < max_len:
         raise ValueError(f"micro_batch_tokens={tokens} cannot hold one sequence of max_len={max_len}")
+    if isinstance(prompt_len, bool) or not isinstance(prompt_len, int) or not 0 <= prompt_len < max_len:
+        raise ValueError(f"prompt_len must be an int in [0, max_len={max_len}), got {prompt_len!r}")
+    completion_len = max_len - prompt_len
+    sharing = shared_prefix and prompt_len > 0 and group > 1
+    step_tokens = {"copies": prompts_per_step * group * max_len,
+                   "shared": prompts_per_step * shared_prefix_tokens(prompt_len, completion_len, group)[0]}
+
+    def gathered(t: int) -> int:
+        return shared_prefix_gathered_keys(t, prompt_len, completion_len, group) if sharing else 0
 
     n_params = shape.param_count()
     capacity = int(gpu.memory_gib * GIB)
@@ -427,7 +461,7 @@ def plan_memory(shape: ModelShape, gpu: GpuSpec | str, *, max_len: int, group: i
 
     def peak_parts(t: int, which_loss: str) -> dict[str, int]:
         return step_peak_bytes(shape, t, b=b, gradient_checkpointing=gradient_checkpointing, loss=which_loss,
-                               engine_bytes=engine_bytes if vllm_share > 0 else b)
+                               engine_bytes=engine_bytes if vllm_share > 0 else b, gathered_keys=gathered(t))
 
     parts = peak_parts(tokens, loss)
     total = sum(fixed.values()) + sum(parts.values())
@@ -439,10 +473,17 @@ def plan_memory(shape: ModelShape, gpu: GpuSpec | str, *, max_len: int, group: i
     max_tokens = {name: _largest_fitting(lambda t, n=name: sum(peak_parts(t, n).values()), room) for name in LOSSES}
     if max_tokens[loss] < max_len:
         notes.append(f"the largest micro-batch ({max_tokens[loss]} tokens) is shorter than max_len={max_len}")
+    if prompt_len:
+        notes.append(f"packed tokens per step at full length: {step_tokens['shared']:,} with each prompt once per "
+                     f"group, {step_tokens['copies']:,} with a copy per completion "
+                     f"({step_tokens['copies'] / step_tokens['shared']:.2f}x); train.shared_prefix="
+                     f"{'true' if shared_prefix else 'false'} trains on the "
+                     f"{'first' if sharing else 'second'} in micro-batches of {tokens:,} tokens")
     settings = dict(max_len=max_len, group=group, prompts_per_step=prompts_per_step, dtype=dtype,
                     optimizer=optimizer, gradient_checkpointing=gradient_checkpointing, loss=loss, beta=beta,
                     vllm_share=vllm_share, vllm_dtype=vllm_dtype, micro_batch_tokens=tokens,
-                    cuda_context_gib=cuda_context_gib)
+                    cuda_context_gib=cuda_context_gib, prompt_len=prompt_len, shared_prefix=shared_prefix,
+                    step_tokens=step_tokens if prompt_len else None)
     return MemoryPlan(model=shape, gpu=gpu, settings=settings, param_count=n_params, components=components,
                       total_bytes=total, capacity_bytes=capacity, fits=not reasons, reasons=reasons,
                       max_micro_batch_tokens=max_tokens, kv_cache_tokens=kv_tokens, concurrent_sequences=concurrent,
@@ -514,6 +555,10 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the engine dtype on a GPU (rollout.dtype=auto is bfloat16 there)")
     parser.add_argument("--micro-batch-tokens", type=int, default=None,
                         help="packed tokens per micro-batch (default: --max-len)")
+    parser.add_argument("--prompt-len", type=int, default=0,
+                        help="the prompt's tokens within --max-len: counts shared-prompt groups (0: unknown)")
+    parser.add_argument("--shared-prefix", action=argparse.BooleanOptionalAction, default=TrainConfig.shared_prefix,
+                        help="each prompt packed once per group (train.shared_prefix)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -526,7 +571,8 @@ def run_plan(args: argparse.Namespace) -> int:
                            prompts_per_step=args.prompts_per_step, dtype=args.dtype, optimizer=args.optimizer,
                            gradient_checkpointing=args.gradient_checkpointing, loss=args.loss, beta=args.beta,
                            vllm_share=args.vllm_memory_share, micro_batch_tokens=args.micro_batch_tokens,
-                           vllm_dtype=args.vllm_dtype)
+                           vllm_dtype=args.vllm_dtype, prompt_len=args.prompt_len,
+                           shared_prefix=args.shared_prefix)
     except ValueError as exc:
         print(f"fastgrpo plan: error: {exc}", file=sys.stderr)
         return 2

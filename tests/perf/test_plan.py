@@ -232,3 +232,30 @@ def test_the_planner_and_the_roofline_read_one_datasheet_table():
     assert roofline.GPUS["A100"] == roofline.GPU.from_datasheet(GPU_DATASHEETS["a100-80gb"])
     with pytest.raises(ValueError, match="the roofline needs sms, l2_mib and cc"):
         roofline.GPU.from_datasheet(GPU_DATASHEETS["l4-24gb"])
+
+
+def test_shared_prefix_counts_match_the_packed_layout():
+    from fastgrpo.perf.plan import shared_prefix_gathered_keys, shared_prefix_tokens
+    from fastgrpo.shared_prefix import pack_groups
+
+    prompt, completion, group = 13, 5, 4
+    batch = pack_groups([list(range(1, prompt + 1))] * 2, [0] * group + [1] * group, [[7] * completion] * (2 * group))
+    packed, keys = shared_prefix_tokens(prompt, completion, group)
+    assert (2 * packed, 2 * keys) == (batch.num_tokens, batch.kv_index.numel())
+    assert shared_prefix_gathered_keys(batch.num_tokens, prompt, completion, group) == 2 * group * prompt
+
+
+def test_plan_with_prompt_len_counts_gathered_keys_and_step_tokens():
+    base = _plan(max_len=1280, micro_batch_tokens=8192, gradient_checkpointing=False)
+    shared = _plan(max_len=1280, micro_batch_tokens=8192, gradient_checkpointing=False, prompt_len=1024)
+    copies = _plan(max_len=1280, micro_batch_tokens=8192, gradient_checkpointing=False, prompt_len=1024,
+                   shared_prefix=False)
+    assert copies.components == base.components
+    extra = shared.components["activations_stored"] - base.components["activations_stored"]
+    # 8,192 tokens of groups (1,024 + 8 x 256) gather 8 x 1,024 more keys per group: k and v, every layer
+    gathered = -(-8192 * 8 * 1024 // (1024 + 8 * 256))
+    assert extra == gathered * 2 * 2 * R1.kv_dim * R1.layers
+    assert shared.settings["step_tokens"] == {"copies": 16 * 8 * 1280, "shared": 16 * (1024 + 8 * 256)}
+    assert any("3.33x" in note for note in shared.notes)
+    with pytest.raises(ValueError, match=r"prompt_len must be an int in \[0, max_len=1280\), got 1280"):
+        _plan(max_len=1280, prompt_len=1280)
