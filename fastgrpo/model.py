@@ -269,6 +269,8 @@ def load_policy(
     gradient_checkpointing: bool = False,
     attn_impl: str = ATTN_IMPLEMENTATION,
     cache_dir: str | os.PathLike | None = None,
+    lora=None,
+    adapter_dir: str | os.PathLike | None = None,
 ):
     """A trainable AutoModelForCausalLM in train mode, KV cache off.
 
@@ -277,16 +279,30 @@ def load_policy(
         attn_impl: "fastgrpo_varlen" (packed forward, see fastgrpo.attention) or any
             transformers implementation ("sdpa", "flash_attention_2", ...).
         gradient_checkpointing: recompute each decoder layer in backward (non-reentrant).
+        lora: a config.LoraConfig; with rank > 0 the model is wrapped with adapters (fastgrpo.lora),
+            loaded from ``adapter_dir`` when given (resume), its base quantized per lora.quantize.
     """
     from transformers import AutoModelForCausalLM
 
+    adapters = lora is not None and lora.rank > 0
+    quantization = None
+    if adapters:
+        from fastgrpo.lora import quantization_config
+
+        quantization = quantization_config(lora)
     model = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(path, cache_dir), dtype=dtype, attn_implementation=attn_impl
+        resolve_model_path(path, cache_dir), dtype=dtype, attn_implementation=attn_impl,
+        **({"quantization_config": quantization, "device_map": {"": torch.device(device)}} if quantization else {}),
     )
-    model.to(device)
+    if quantization is None:
+        model.to(device)
     model.config.use_cache = False
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if adapters:
+        from fastgrpo.lora import wrap_model
+
+        model = wrap_model(model, lora, adapter_dir)
     model.train()
     return model
 

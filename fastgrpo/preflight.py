@@ -5,7 +5,8 @@
 reference of ``loss.beta > 0`` comes from it too); every dataset exists, loads and has valid rows
 (a bad row is named by file and line); and the longest prompt plus the longest completion fits
 the model (``max_position_embeddings`` of its config.json), ``rollout.max_model_len`` and
-``train.max_tokens_per_microbatch``. Each failure is one ConfigError naming the key, the file and
+``train.max_tokens_per_microbatch``; with ``lora.rank > 0`` the adapters' target modules exist
+and peft can wrap them, and ``lora.quantize`` has a bitsandbytes backend. Each failure is one ConfigError naming the key, the file and
 what is allowed, raised in seconds instead of after minutes of model loading and sampling.
 
 The default model is not converted for the check: before its first conversion the prompt's share
@@ -46,6 +47,7 @@ def check_run(cfg: Config) -> RunShape:
         except ValueError as exc:
             raise ConfigError(f"rewards.{name}: {exc}") from None
     folder, max_len = _check_model(cfg)
+    _check_lora(cfg, folder)
     problems = _check_data(cfg)
     if folder is None:
         return RunShape(None, max_len, problems["train"], problems["held_out"])
@@ -73,6 +75,19 @@ def _check_model(cfg: Config) -> tuple[Path | None, int | None]:
         raise ConfigError(f"model.path={cfg.model.path!r}: {exc}.{also} Allowed: 'default' (the embedded "
                           "SmolLM2-135M-Instruct) or a local Hugging Face model folder with config.json") from None
     return folder, max_len
+
+
+def _check_lora(cfg: Config, folder: Path | None) -> None:
+    """lora.quantize has a bitsandbytes backend here; lora.target_modules name wrappable modules of the
+    model (checked on a weightless copy built from config.json; skipped before the default model's
+    first conversion, whose layers are the Llama projections of the defaults)."""
+    if cfg.lora.rank == 0:
+        return
+    from fastgrpo.lora import check_quantize_supported, check_targets
+
+    check_quantize_supported(cfg.lora.quantize)
+    if folder is not None:
+        check_targets(cfg.lora, folder)
 
 
 # ----------------------------------------------------------------------------------------------
