@@ -40,6 +40,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from fastgrpo.perf import lora_memory
+
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -351,7 +353,8 @@ class MemoryPlan:
         return out
 
 
-def step_peak_bytes(shape, tokens, *, b, gradient_checkpointing, loss, engine_bytes, loss_ws=None) -> dict[str, int]:
+def step_peak_bytes(shape, tokens, *, b, gradient_checkpointing, loss, engine_bytes, loss_ws=None,
+                    lora_rank: int = 0, quantize: str = "none") -> dict[str, int]:
     """The micro-batch-dependent components, with the negative credit that makes them sum to the peak.
     loss_ws: the loss working set if the caller computed it (default: loss_working_set_bytes at T).
 
@@ -362,17 +365,29 @@ def step_peak_bytes(shape, tokens, *, b, gradient_checkpointing, loss, engine_by
     into a third tensor (measured on CPU: this end-of-backward peak of 3 x V x H was the whole
     micro-batch peak of SmolLM2 widths with checkpointing at 256 tokens); the fused loss hands autograd
     a gradient it alone holds, which the embedding's is added into: 2 x V x H (measured on CPU,
-    SmolLM2-135M with checkpointing: 217.5 MiB against 2 x 108.5)."""
+    SmolLM2-135M with checkpointing: 217.5 MiB against 2 x 108.5).
+
+    lora_rank > 0 (fastgrpo/perf/lora_memory.py): the LM head and the embeddings are frozen, so none of
+    their [V, H] gradients exist; each layer keeps the adapters' saved tensors too; the sync merges
+    one projection at a time."""
     stored, backward = activation_bytes(shape, tokens, b, gradient_checkpointing)
-    lm_head_grad = shape.vocab * shape.hidden * b
+    lm_head_grad = shape.vocab * shape.hidden * b if lora_rank == 0 else 0
+    if lora_rank:
+        adapters = tokens * lora_memory.adapter_activation_bytes_per_token(shape, lora_rank, b)
+        backward += adapters if gradient_checkpointing else 0
+        stored += 0 if gradient_checkpointing else shape.layers * adapters
     if shape.tied:
         backward += lm_head_grad
     if loss_ws is None:
         loss_ws = loss_working_set_bytes(loss, tokens, shape.vocab, shape.hidden, b)
+        if lora_rank:  # no weight-gradient accumulator or cast (the frozen-head path)
+            loss_ws -= (b if loss == "naive" else 4 + (b if b < 4 else 0)) * shape.vocab * shape.hidden
     embedding = ((3 if loss == "naive" else 2) if shape.tied else 1) * lm_head_grad + tokens * shape.hidden * b
     # Before vLLM reloads weights the trainer casts its state dict when the dtypes differ (a new tensor
     # per parameter); this happens after the optimizer step, with no activations alive.
     sync = shape.param_count() * engine_bytes if engine_bytes != b else 0
+    if lora_rank:
+        sync = lora_memory.merge_copy_bytes(shape, engine_bytes, b, quantize)
     step_peak = max(stored + max(loss_ws, backward), embedding, sync)
     parts = {"activations_stored": stored, "activations_backward": backward, "loss_working_set": loss_ws,
              "embedding_gradients": embedding, "weight_sync_copy": sync}
@@ -383,12 +398,14 @@ def step_peak_bytes(shape, tokens, *, b, gradient_checkpointing, loss, engine_by
 def plan_memory(shape: ModelShape, gpu: GpuSpec | str, *, max_len: int, group: int = 8, prompts_per_step: int = 8,
                 dtype: str = "bfloat16", optimizer: str = "adamw", gradient_checkpointing: bool = False,
                 loss: str = "fused", beta: float = 0.0, vllm_share: float = 0.3, micro_batch_tokens: int | None = None,
-                vllm_dtype: str = "bfloat16", cuda_context_gib: float = CUDA_CONTEXT_GIB) -> MemoryPlan:
+                vllm_dtype: str = "bfloat16", cuda_context_gib: float = CUDA_CONTEXT_GIB, lora_rank: int = 0,
+                quantize: str = "none") -> MemoryPlan:
     """Peak GPU memory of one GRPO training step with a colocated vLLM engine.
 
     max_len: longest sequence (prompt + completion) in tokens; micro_batch_tokens: packed tokens per
     micro-batch (default max_len; it must hold one sequence of max_len). vllm_share: the fraction of
-    the GPU's memory given to vLLM (0: no engine on this GPU)."""
+    the GPU's memory given to vLLM (0: no engine on this GPU). lora_rank > 0: adapters on a frozen base
+    (quantize: none | 8bit | 4bit), the reference is the base itself (no weights of its own)."""
     gpu = get_gpu(gpu) if isinstance(gpu, str) else gpu
     b = _dtype_bytes(dtype)
     engine_bytes = _dtype_bytes(vllm_dtype, "vllm_dtype")
@@ -404,6 +421,8 @@ def plan_memory(shape: ModelShape, gpu: GpuSpec | str, *, max_len: int, group: i
     if tokens < max_len:
         raise ValueError(f"micro_batch_tokens={tokens} cannot hold one sequence of max_len={max_len}")
 
+    if lora_rank < 0 or (quantize != "none" and lora_rank == 0):
+        raise ValueError(f"lora_rank must be >= 0 and quantize needs lora_rank > 0, got {lora_rank} / {quantize!r}")
     n_params = shape.param_count()
     capacity = int(gpu.memory_gib * GIB)
     rollout_sequences = prompts_per_step * group
@@ -414,6 +433,12 @@ def plan_memory(shape: ModelShape, gpu: GpuSpec | str, *, max_len: int, group: i
         "reference_weights": n_params * b if beta > 0 else 0,
         "rollout_tensors": rollout_sequences * max_len * ROLLOUT_BYTES_PER_TOKEN,
     }
+    if lora_rank:
+        n_adapter = lora_memory.adapter_params(shape, lora_rank)
+        fixed.update(policy_weights=lora_memory.base_weight_bytes(shape, b, quantize) + n_adapter * lora_memory.ADAPTER_BYTES,
+                     gradients=n_adapter * lora_memory.ADAPTER_BYTES,
+                     optimizer_states=n_adapter * (lora_memory.ADAPTER_TRAINING_BYTES_PER_PARAM - 2 * lora_memory.ADAPTER_BYTES),
+                     reference_weights=0)
     reasons, notes = [], []
     kv_tokens = concurrent = None
     vllm = {}
@@ -434,7 +459,7 @@ def plan_memory(shape: ModelShape, gpu: GpuSpec | str, *, max_len: int, group: i
 
     def peak_parts(t: int, which_loss: str) -> dict[str, int]:
         return step_peak_bytes(shape, t, b=b, gradient_checkpointing=gradient_checkpointing, loss=which_loss,
-                               engine_bytes=engine_bytes if vllm_share > 0 else b)
+                               engine_bytes=engine_bytes if vllm_share > 0 else b, lora_rank=lora_rank, quantize=quantize)
 
     parts = peak_parts(tokens, loss)
     total = sum(fixed.values()) + sum(parts.values())
@@ -449,7 +474,7 @@ def plan_memory(shape: ModelShape, gpu: GpuSpec | str, *, max_len: int, group: i
     settings = dict(max_len=max_len, group=group, prompts_per_step=prompts_per_step, dtype=dtype,
                     optimizer=optimizer, gradient_checkpointing=gradient_checkpointing, loss=loss, beta=beta,
                     vllm_share=vllm_share, vllm_dtype=vllm_dtype, micro_batch_tokens=tokens,
-                    cuda_context_gib=cuda_context_gib)
+                    cuda_context_gib=cuda_context_gib, lora_rank=lora_rank, quantize=quantize)
     return MemoryPlan(model=shape, gpu=gpu, settings=settings, param_count=n_params, components=components,
                       total_bytes=total, capacity_bytes=capacity, fits=not reasons, reasons=reasons,
                       max_micro_batch_tokens=max_tokens, kv_cache_tokens=kv_tokens, concurrent_sequences=concurrent,
@@ -481,7 +506,9 @@ def format_plan(plan: MemoryPlan) -> str:
         "",
         f"max_len {s['max_len']}, group {s['group']} x {s['prompts_per_step']} prompts = {plan.rollout_sequences} "
         f"sequences/step, micro-batch {s['micro_batch_tokens']} tokens, {s['dtype']}, {s['optimizer']}, "
-        f"gradient checkpointing {ckpt}, loss {s['loss']}, beta {s['beta']}, vLLM share {s['vllm_share']}",
+        f"gradient checkpointing {ckpt}, loss {s['loss']}, beta {s['beta']}, vLLM share {s['vllm_share']}"
+        + (f", LoRA rank {s['lora_rank']} (base {s['quantize'] if s['quantize'] != 'none' else s['dtype']})"
+           if s.get("lora_rank") else ""),
         "",
         "| component | GiB |",
         "|---|---:|",
@@ -521,6 +548,9 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the engine dtype on a GPU (rollout.dtype=auto is bfloat16 there)")
     parser.add_argument("--micro-batch-tokens", type=int, default=None,
                         help="packed tokens per micro-batch (default: --max-len)")
+    parser.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (0: full-parameter training)")
+    parser.add_argument("--quantize", default="none", choices=lora_memory.QUANTIZE_CHOICES,
+                        help="the frozen base of a LoRA run: none (--dtype), 8bit or 4bit (NF4, QLoRA)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -533,7 +563,7 @@ def run_plan(args: argparse.Namespace) -> int:
                            prompts_per_step=args.prompts_per_step, dtype=args.dtype, optimizer=args.optimizer,
                            gradient_checkpointing=args.gradient_checkpointing, loss=args.loss, beta=args.beta,
                            vllm_share=args.vllm_memory_share, micro_batch_tokens=args.micro_batch_tokens,
-                           vllm_dtype=args.vllm_dtype)
+                           vllm_dtype=args.vllm_dtype, lora_rank=args.lora_rank, quantize=args.quantize)
     except ValueError as exc:
         print(f"fastgrpo plan: error: {exc}", file=sys.stderr)
         return 2
