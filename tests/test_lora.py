@@ -232,3 +232,29 @@ def test_preflight_rejects_unknown_or_unwrappable_targets_before_loading(tiny_mo
         with pytest.raises(ConfigError, match=r"lora\.quantize=8bit.*CUDA"):
             check_run(tiny_config(tiny_model_dir, tmp_path, "transformers", "lora.rank=4", "lora.quantize=8bit"))
     check_run(tiny_config(tiny_model_dir, tmp_path, "transformers", "lora.rank=4"))  # the defaults pass
+
+
+def test_qlora_4bit_base_trains_adapters_and_streams_dequantized_merged_weights(tiny_model_dir):
+    """lora.quantize=4bit on CPU: bitsandbytes 0.50's CPU backend holds the base in NF4; the adapters
+    train, and the engine gets dequantize(W) + delta, the weights the trainer computes with."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from fastgrpo.kernels import fused_grpo_loss
+    from fastgrpo.model import lm_head_weight, packed_hidden_states
+
+    torch.manual_seed(0)
+    policy = load_policy(tiny_model_dir, dtype=torch.bfloat16, lora=LoraConfig(rank=4, quantize="4bit"))
+    q_proj = policy.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(q_proj.base_layer).__name__ == "Linear4bit"
+    randomize_adapters(policy)
+    rollout = synthetic_rollout(policy.config.vocab_size)
+    batch = pack_sequences(*rollout.sequences([0, 1, 2, 3]))
+    loss, *_ = fused_grpo_loss(packed_hidden_states(policy, batch), lm_head_weight(policy), batch.targets, None, None,
+                               rollout.advantages, batch.completion_cu_seqlens)
+    loss.backward()
+    with_grad = {n for n, p in policy.named_parameters() if p.grad is not None}
+    assert with_grad and all(".lora_" in n for n in with_grad)
+    streamed = dict(checkpoint_named_weights(policy, torch.float32))
+    weight = q_proj.base_layer.weight
+    expected = bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float() + q_proj.get_delta_weight("default").float()
+    torch.testing.assert_close(streamed["model.layers.0.self_attn.q_proj.weight"], expected, rtol=0, atol=1e-6)
+    assert streamed["model.embed_tokens.weight"].shape == (policy.config.vocab_size, policy.config.hidden_size)
