@@ -193,6 +193,12 @@ def test_adapter_checkpoint_export_merge_and_eval_folder(tiny_model_dir, tmp_pat
     assert (base - expected).abs().max() > 1e-2
     assert main(["export", "--merge", str(adapter), str(out)]) == 2  # never over an existing folder
 
+    from helpers.paths import SHARED_DATA
+
+    rc = main(["eval", "--model", str(adapter), "--data", str(SHARED_DATA / "eval" / "amc23.jsonl"), "--limit", "2",
+               "--samples", "1", "--max-tokens", "4", "--engine", "transformers", "--output-dir", str(tmp_path / "eval")])
+    assert rc == 0 and (tmp_path / "eval" / "results.json").is_file()  # an adapter folder evaluates as a model
+
 
 # ----------------------------------------------------------------------------- errors
 
