@@ -409,6 +409,8 @@ def apply_liger_patches(model, *, require_cuda: bool = True) -> None:
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     except ImportError as exc:
         raise ImportError("model.liger=true needs liger-kernel: pip install liger-kernel") from exc
+    if hasattr(model, "get_base_model"):  # a LoRA policy: patch the wrapped model (its adapters stay in place)
+        model = model.get_base_model()
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
         raise ValueError(f"model.liger=true: Liger-Kernel has no patches for model type {model_type!r}; "

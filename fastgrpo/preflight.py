@@ -83,7 +83,13 @@ def _check_lora(cfg: Config, folder: Path | None) -> None:
     first conversion, whose layers are the Llama projections of the defaults)."""
     if cfg.lora.rank == 0:
         return
+    from fastgrpo.distributed import launched_world_size
     from fastgrpo.lora import check_quantize_supported, check_targets
+
+    if launched_world_size() > 1:
+        raise ConfigError(f"lora.rank={cfg.lora.rank}: LoRA runs in one training process for now (this launch has "
+                          f"{launched_world_size()}: FSDP2 sharding of adapters is not supported); run without torchrun, "
+                          "or set lora.rank=0")
 
     check_quantize_supported(cfg.lora.quantize)
     if folder is not None:

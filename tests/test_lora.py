@@ -264,3 +264,46 @@ def test_qlora_4bit_base_trains_adapters_and_streams_dequantized_merged_weights(
     expected = bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float() + q_proj.get_delta_weight("default").float()
     torch.testing.assert_close(streamed["model.layers.0.self_attn.q_proj.weight"], expected, rtol=0, atol=1e-6)
     assert streamed["model.embed_tokens.weight"].shape == (policy.config.vocab_size, policy.config.hidden_size)
+
+
+def test_gradient_checkpointing_and_liger_patches_keep_the_adapters(tiny_model_dir):
+    import importlib
+
+    from fastgrpo.model import apply_liger_patches, lm_head_weight, packed_hidden_states
+
+    pytest.importorskip("liger_kernel")
+    from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
+    from peft.tuners.lora import LoraLayer
+
+    torch.manual_seed(0)
+    policy = load_policy(tiny_model_dir, gradient_checkpointing=True, lora=LoraConfig(rank=4))
+    randomize_adapters(policy)
+    rollout = synthetic_rollout(policy.config.vocab_size)
+    batch = pack_sequences(*rollout.sequences([0, 1, 2, 3]))
+    from fastgrpo.kernels import fused_grpo_loss
+
+    loss, *_ = fused_grpo_loss(packed_hidden_states(policy, batch), lm_head_weight(policy), batch.targets, None, None,
+                               rollout.advantages, batch.completion_cu_seqlens)
+    loss.backward()
+    with_grad = {n for n, p in policy.named_parameters() if p.grad is not None}
+    assert with_grad == {n for n, p in policy.named_parameters() if p.requires_grad}  # through recomputed layers
+
+    module = importlib.import_module("transformers.models.llama.modeling_llama")
+    before = dict(vars(module))
+    try:
+        apply_liger_patches(policy, require_cuda=False)  # CPU: checks the swap, not the Triton kernels
+    finally:  # Liger patches the module for the whole process: put it back for the other tests
+        for name, value in before.items():
+            setattr(module, name, value)
+    mlp = policy.get_base_model().model.layers[0].mlp
+    assert mlp.forward.__func__ is LigerSwiGLUMLP.forward and isinstance(mlp.gate_proj, LoraLayer)
+
+
+def test_lora_under_torchrun_is_refused_before_loading(tiny_model_dir, tmp_path, monkeypatch):
+    from helpers.trainer_setup import tiny_config
+
+    from fastgrpo.preflight import check_run
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"lora\.rank=4: LoRA runs in one training process"):
+        check_run(tiny_config(tiny_model_dir, tmp_path, "transformers", "lora.rank=4"))
