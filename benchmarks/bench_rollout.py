@@ -127,3 +127,15 @@ def test_transformers_rollout_throughput(benchmark, hf_model, tokenizer, prompt_
 def test_vllm_weight_sync(benchmark, vllm_engine, hf_model):
     seconds = benchmark.pedantic(vllm_engine.sync_weights, args=(hf_model,), rounds=3, iterations=1)
     benchmark.extra_info.update(parameters=sum(p.numel() for p in hf_model.parameters()), last_sync_s=round(seconds, 3))
+
+
+def test_vllm_weight_sync_lora(benchmark, vllm_engine, model_dir):
+    """The LoRA sync: W + (alpha/r) B A merged per projection on the fly (rank 16, all projections),
+    beside test_vllm_weight_sync's full-model sync of the same engine."""
+    from fastgrpo.config import LoraConfig
+    from fastgrpo.model import load_policy
+
+    policy = load_policy(model_dir, lora=LoraConfig(rank=16))
+    seconds = benchmark.pedantic(vllm_engine.sync_weights, args=(policy,), rounds=3, iterations=1)
+    benchmark.extra_info.update(adapter_parameters=sum(p.numel() for p in policy.parameters() if p.requires_grad),
+                                last_sync_s=round(seconds, 3))

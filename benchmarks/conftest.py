@@ -6,12 +6,12 @@ import kernel_impls as ki
 
 from fastgrpo.kernels import roofline
 
-TABLE_ORDER = ("fastgrpo", "naive", "liger", "matmul_floor")
+TABLE_ORDER = ("fastgrpo", "fastgrpo_frozen_head", "naive", "liger", "matmul_floor")
 
 
 def format_table(results: list[dict]) -> list[str]:
     """Rows of implementation, shape, best time, time / matmul floor, peak extra MB, peak / naive's."""
-    lines = [f"{'implementation':<16}{'shape':<14}{'time ms':>10}{'x floor':>9}{'peak MB':>10}{'x naive mem':>13}"]
+    lines = [f"{'implementation':<22}{'shape':<14}{'time ms':>10}{'x floor':>9}{'peak MB':>10}{'x naive mem':>13}"]
     for shape in ki.SHAPES:
         rows = {r["impl"]: r for r in results if r["shape"] == shape}
         floor, naive = rows.get("matmul_floor"), rows.get("naive")
@@ -21,8 +21,14 @@ def format_table(results: list[dict]) -> list[str]:
             r = rows[impl]
             ratio = r["seconds"] / floor["seconds"] if floor else float("nan")
             mem_ratio = r["peak_extra_mb"] / naive["peak_extra_mb"] if naive else float("nan")
-            lines.append(f"{impl:<16}{shape:<14}{r['seconds'] * 1e3:>10.0f}{ratio:>9.2f}"
+            lines.append(f"{impl:<22}{shape:<14}{r['seconds'] * 1e3:>10.0f}{ratio:>9.2f}"
                          f"{r['peak_extra_mb']:>10.0f}{mem_ratio:>13.2f}")
+    for shape in ki.SHAPES:  # LoRA's frozen head against a trainable one, same run
+        rows = {r["impl"]: r for r in results if r["shape"] == shape}
+        if "fastgrpo" in rows and "fastgrpo_frozen_head" in rows:
+            trainable, frozen = rows["fastgrpo"], rows["fastgrpo_frozen_head"]
+            lines.append(f"frozen head at {shape}: {trainable['seconds'] / frozen['seconds']:.2f}x faster, "
+                         f"peak {frozen['peak_extra_mb']:.0f} MB vs {trainable['peak_extra_mb']:.0f} MB trainable")
     return lines
 
 

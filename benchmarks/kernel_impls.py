@@ -3,6 +3,7 @@
 fwd+bwd of per-token log-probs + the GRPO loss (loss_type "grpo", beta 0, epsilons 0.2, temperature 1)
 from hidden [N, H] and the LM head [V, H]:
     fastgrpo      fused_grpo_loss, impl "auto": the chunked one-pass torch path on CPU, Triton on CUDA
+    fastgrpo_frozen_head  the same with a frozen LM head (LoRA): no weight-gradient matmul, no [V, H] buffer
     naive         logits = hidden @ W.T, log_softmax, gather, the loss formula, all by autograd
     liger         liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss (input [B, T, H])
     matmul_floor  the three bare matmuls every exact method needs: h @ W.T, g @ W, g.T @ h
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-IMPLS = ("naive", "fastgrpo", "liger", "matmul_floor")  # naive first: the others' losses are checked against it
+IMPLS = ("naive", "fastgrpo", "fastgrpo_frozen_head", "liger", "matmul_floor")  # naive first: the others' losses are checked against it
 # name -> (N tokens, H, V, sequences). N is small enough for a 2-core CPU; sequences of equal length
 # because Liger takes a padded [B, T, H] batch (all-ones mask here: no padding to waste).
 SHAPES = {
@@ -86,14 +87,14 @@ def make_step(impl: str, inputs: dict):
     old_logp, advantages, cu_seqlens = inputs["old_logp"], inputs["advantages"], inputs["cu_seqlens"]
     num_seqs = inputs["num_seqs"]
 
-    def leaves():
-        return hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    def leaves(head_trainable: bool = True):
+        return hidden.detach().requires_grad_(), weight.detach().requires_grad_(head_trainable)
 
-    if impl == "fastgrpo":
+    if impl in ("fastgrpo", "fastgrpo_frozen_head"):
         from fastgrpo.kernels import fused_grpo_loss
 
         def step():
-            h, w = leaves()
+            h, w = leaves(head_trainable=impl == "fastgrpo")
             loss, _, _, _ = fused_grpo_loss(h, w, targets, old_logp, None, advantages, cu_seqlens,
                                             loss_type="grpo", epsilon_low=EPSILON, epsilon_high=EPSILON)
             loss.backward()

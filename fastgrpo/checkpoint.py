@@ -9,6 +9,10 @@ A checkpoint is a Hugging Face model folder (safetensors + config + tokenizer) t
         rng.pt                                              torch / python RNG states
         trainer_state.json                                  step, data position, metrics so far
 
+With ``lora.rank > 0`` the policy part is a PEFT adapter folder instead (``adapter_config.json`` +
+``adapter_model.safetensors``, written by the same ``save_pretrained`` call); the base model stays
+in ``model.path`` and ``fastgrpo export --merge`` makes a plain model folder of the two.
+
 It is written into a hidden temporary folder, flushed, then renamed into place, so a crash leaves
 either the previous complete checkpoint or the new one, never half of one (the temporary folder a
 killed write leaves is ignored, and removed by the next save). Loading never unpickles

@@ -1,4 +1,4 @@
-"""``fastgrpo train|eval``: the command line."""
+"""``fastgrpo train|eval|export|plan|data|profile``: the command line."""
 
 from __future__ import annotations
 
@@ -63,11 +63,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from fastgrpo.eval.suite import eval_settings, load_suite, markdown_table, run_suite, write_report
-    from fastgrpo.preflight import longest_prompt
+    from fastgrpo.eval.suite import eval_settings, load_suite
     from fastgrpo.data.sources import default_data_dir
-    from fastgrpo.model import load_tokenizer, resolve_model_path
-    from fastgrpo.rollout import make_engine
+    from fastgrpo.lora import merged_model_folder
+    from fastgrpo.model import resolve_model_path
 
     entries = [*(args.suite or []), *(args.data or [])]
     if not entries:
@@ -79,7 +78,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         sets = load_suite(entries, args.data_dir or default_data_dir(), limit=args.limit)
     except ValueError as exc:
         raise ConfigError(str(exc), key=None) from None
-    model_dir = resolve_model_path(args.model)
+    with merged_model_folder(args.model) as model_dir:  # an adapter folder is merged into its base first
+        return _eval_model(args, resolve_model_path(model_dir), sets, settings)
+
+
+def _eval_model(args: argparse.Namespace, model_dir: Path, sets: list, settings) -> int:
+    from fastgrpo.eval.suite import markdown_table, run_suite, write_report
+    from fastgrpo.preflight import longest_prompt
+    from fastgrpo.model import load_tokenizer
+    from fastgrpo.rollout import make_engine
+
     tokenizer = load_tokenizer(model_dir)
     # The engine's context holds the longest prompt plus a full-length completion.
     suite_problems = [p for s in sets for p in s.problems]
@@ -98,7 +106,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                   flush=True)
     finally:
         engine.close()
-    out_dir = Path(args.output_dir or Path("runs") / "eval" / Path(model_dir).name)
+    out_dir = Path(args.output_dir or Path("runs") / "eval" / Path(args.model).name)
     settings_record = {"model": str(args.model), "preset": args.preset, "engine": args.engine, "dtype": args.dtype,
                        "limit": args.limit, **dataclasses.asdict(settings)}
     write_report(out_dir, results, settings_record)
@@ -107,6 +115,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=1))
         print(f"all results with per-problem records in {args.output}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fastgrpo.lora import export_merged, is_adapter_folder
+
+    if not args.merge:
+        raise ConfigError("fastgrpo export needs --merge (the only export so far: adapter + base -> one model folder)", key=None)
+    if not is_adapter_folder(args.checkpoint):
+        raise ConfigError(f"export --merge {args.checkpoint}: no adapter_config.json there; expected a LoRA checkpoint "
+                          "(a run with lora.rank > 0) or a PEFT adapter folder", key=None)
+    if Path(args.out).exists() and any(Path(args.out).iterdir()):
+        raise ConfigError(f"export --merge: {args.out} exists and is not empty; choose a new folder for the merged model", key=None)
+    out = export_merged(args.checkpoint, args.out, base=args.base)
+    print(f"merged model in {out}")
     return 0
 
 
@@ -125,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     from fastgrpo.eval.suite import PRESETS
 
     e = sub.add_parser("eval", help="pass@1 (mean over K samples) and pass@K on benchmark suites or problem files")
-    e.add_argument("--model", required=True, help="a local Hugging Face model folder, or 'default'")
+    e.add_argument("--model", required=True,
+                   help="a local Hugging Face model folder, a LoRA checkpoint / PEFT adapter folder (merged into its base), or 'default'")
     e.add_argument("--suite", nargs="+", metavar="NAMES",
                    help="comma-separated set names found in DATA_DIR/eval/ (aime24,amc23,math500,minerva,olympiadbench) or paths")
     e.add_argument("--data", nargs="+", metavar="FILE", help="JSONL/parquet files with problem and answer fields")
@@ -150,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output-dir", help="results.md, results.json and <set>.jsonl go here (default runs/eval/<model>)")
     e.add_argument("--output", help="also write every result, per-problem records included, as one JSON file")
     e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export", help="write a LoRA checkpoint merged into its base as a Hugging Face model folder")
+    x.add_argument("--merge", action="store_true", required=True, help="merge the adapter into the base weights")
+    x.add_argument("checkpoint", help="a LoRA checkpoint-<step> folder (or any PEFT adapter folder)")
+    x.add_argument("out", help="the new model folder (must not exist or be empty)")
+    x.add_argument("--base", help="the base model folder (default: base_model_name_or_path of adapter_config.json)")
+    x.set_defaults(func=cmd_export)
 
     from fastgrpo.perf.plan import add_plan_arguments, run_plan
 

@@ -71,6 +71,23 @@ class DataConfig:
     shuffle: bool = True  # False: every epoch in file order (a curriculum file sorted easy -> hard)
 
 
+# All attention and MLP projections of the Llama / Qwen2 / Mistral decoder layers (Tina, arXiv 2504.15777).
+LORA_ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters on a frozen base model (fastgrpo/lora.py). rank 0 trains every parameter."""
+
+    rank: int = 0  # 0 = off; > 0: only the adapters train, the LM head and embeddings stay frozen
+    alpha: float | None = None  # the update is scaled by alpha / rank; None = 2 x rank
+    dropout: float = 0.0  # on the adapters' input; 0 keeps the engine's log-probs equal to the trainer's
+    target_modules: tuple[str, ...] = LORA_ALL_PROJECTIONS  # module names (the last part) that get adapters
+    # The frozen base's storage: none (model.dtype), 8bit (LLM.int8) or 4bit (NF4, double quantization,
+    # bf16 compute) via bitsandbytes. The rollout engine still gets full-precision merged weights.
+    quantize: str = "none"
+
+
 @dataclass(frozen=True)
 class RolloutConfig:
     engine: str = "vllm"  # vllm | transformers
@@ -208,6 +225,7 @@ class Config:
     reward_weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.5})
     reward_params: RewardConfig = field(default_factory=RewardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -261,6 +279,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.template": ("boxed", "r1", "qwen"),
     "data.on_bad_rows": ("raise", "skip"),
     "reward_params.compat": ("fastgrpo", "open-rs"),
+    "lora.quantize": ("none", "8bit", "4bit"),
 }
 
 
@@ -578,6 +597,26 @@ def validate(cfg: Config) -> None:
     if not cfg.data.levels or any(lv not in (1, 2, 3, 4) for lv in cfg.data.levels):
         raise ConfigError(f"data.levels must be a non-empty list of 1..4, got {list(cfg.data.levels)}", key="data.levels")
     _validate_data_sources(cfg)
+    _validate_lora(cfg.lora)
+
+
+def _validate_lora(lo: LoraConfig) -> None:
+    """lora.*: ranges, and no adapter setting without a rank (it would be silently ignored)."""
+    if lo.rank < 0:
+        raise ConfigError(f"lora.rank must be >= 0 (0 = full-parameter training), got {lo.rank}", key="lora.rank")
+    if lo.rank == 0:
+        for f in dataclasses.fields(LoraConfig):
+            if f.name != "rank" and getattr(lo, f.name) != f.default:
+                raise ConfigError(f"lora.{f.name} is set but lora.rank is 0 (adapters off): set lora.rank > 0 "
+                                  f"(e.g. 16) to train adapters, or drop lora.{f.name}", key=f"lora.{f.name}")
+        return
+    if lo.alpha is not None and not (math.isfinite(lo.alpha) and lo.alpha > 0):
+        raise ConfigError(f"lora.alpha must be a finite number > 0 (or null for 2 x rank), got {lo.alpha}", key="lora.alpha")
+    if not 0.0 <= lo.dropout < 1.0:
+        raise ConfigError(f"lora.dropout must be in [0, 1), got {lo.dropout}", key="lora.dropout")
+    if not lo.target_modules or any(not m.strip() for m in lo.target_modules):
+        raise ConfigError(f"lora.target_modules must be a non-empty list of module names (e.g. {list(LORA_ALL_PROJECTIONS)}), "
+                          f"got {list(lo.target_modules)}", key="lora.target_modules")
 
 
 def _validate_data_sources(cfg: Config) -> None:

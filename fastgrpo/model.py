@@ -272,6 +272,8 @@ def load_policy(
     gradient_checkpointing: bool = False,
     attn_impl: str = ATTN_IMPLEMENTATION,
     cache_dir: str | os.PathLike | None = None,
+    lora=None,
+    adapter_dir: str | os.PathLike | None = None,
 ):
     """A trainable AutoModelForCausalLM in train mode, KV cache off.
 
@@ -280,16 +282,30 @@ def load_policy(
         attn_impl: "fastgrpo_varlen" (packed forward, see fastgrpo.attention) or any
             transformers implementation ("sdpa", "flash_attention_2", ...).
         gradient_checkpointing: recompute each decoder layer in backward (non-reentrant).
+        lora: a config.LoraConfig; with rank > 0 the model is wrapped with adapters (fastgrpo.lora),
+            loaded from ``adapter_dir`` when given (resume), its base quantized per lora.quantize.
     """
     from transformers import AutoModelForCausalLM
 
+    adapters = lora is not None and lora.rank > 0
+    quantization = None
+    if adapters:
+        from fastgrpo.lora import quantization_config
+
+        quantization = quantization_config(lora)
     model = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(path, cache_dir), dtype=dtype, attn_implementation=attn_impl
+        resolve_model_path(path, cache_dir), dtype=dtype, attn_implementation=attn_impl,
+        **({"quantization_config": quantization, "device_map": {"": torch.device(device)}} if quantization else {}),
     )
-    model.to(device)
+    if quantization is None:
+        model.to(device)
     model.config.use_cache = False
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if adapters:
+        from fastgrpo.lora import wrap_model
+
+        model = wrap_model(model, lora, adapter_dir)
     model.train()
     return model
 
@@ -412,6 +428,8 @@ def apply_liger_patches(model, *, require_cuda: bool = True) -> None:
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     except ImportError as exc:
         raise ImportError("model.liger=true needs liger-kernel: pip install liger-kernel") from exc
+    if hasattr(model, "get_base_model"):  # a LoRA policy: patch the wrapped model (its adapters stay in place)
+        model = model.get_base_model()
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
         raise ValueError(f"model.liger=true: Liger-Kernel has no patches for model type {model_type!r}; "

@@ -5,8 +5,9 @@
 reference of ``loss.beta > 0`` comes from it too); every dataset exists, loads and has valid rows
 (a bad row is named by file and line); and the longest prompt plus the longest completion fits
 the model (``max_position_embeddings`` of its config.json), ``rollout.max_model_len`` and
-``train.max_tokens_per_microbatch``; and the model's logits are its LM head's output unchanged (the
-fused head computes ``log_softmax(hidden @ W.T / temperature)`` and nothing else). Each failure is
+``train.max_tokens_per_microbatch``; the model's logits are its LM head's output unchanged (the
+fused head computes ``log_softmax(hidden @ W.T / temperature)`` and nothing else); and with ``lora.rank > 0`` the adapters' target modules exist
+and peft can wrap them, and ``lora.quantize`` has a bitsandbytes backend. Each failure is
 one ConfigError naming the key, the file and what is allowed, raised in seconds instead of after
 minutes of model loading and sampling.
 
@@ -52,6 +53,7 @@ def check_run(cfg: Config) -> RunShape:
     folder, max_len = _check_model(cfg)
     if folder is not None:  # the default model (SmolLM2, Llama) does not post-process its logits
         check_logits_are_the_heads(folder, f"model.path={cfg.model.path!r}")
+    _check_lora(cfg, folder)
     problems = _check_data(cfg)
     if folder is None:
         return RunShape(None, max_len, problems["train"], problems["held_out"])
@@ -134,6 +136,23 @@ def _config_dict(folder: Path) -> dict:
         return AutoConfig.from_pretrained(folder).to_dict()
     except (ValueError, KeyError, OSError):
         return json.loads((folder / "config.json").read_text())
+def _check_lora(cfg: Config, folder: Path | None) -> None:
+    """lora.quantize has a bitsandbytes backend here; lora.target_modules name wrappable modules of the
+    model (checked on a weightless copy built from config.json; skipped before the default model's
+    first conversion, whose layers are the Llama projections of the defaults)."""
+    if cfg.lora.rank == 0:
+        return
+    from fastgrpo.distributed import launched_world_size
+    from fastgrpo.lora import check_quantize_supported, check_targets
+
+    if launched_world_size() > 1:
+        raise ConfigError(f"lora.rank={cfg.lora.rank}: LoRA runs in one training process for now (this launch has "
+                          f"{launched_world_size()}: FSDP2 sharding of adapters is not supported); run without torchrun, "
+                          "or set lora.rank=0", key="lora.rank")
+
+    check_quantize_supported(cfg.lora.quantize)
+    if folder is not None:
+        check_targets(cfg.lora, folder)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from fastgrpo import checkpoint as ckpt
 from fastgrpo import distributed
+from fastgrpo import lora
 from fastgrpo.attention import set_attention_backend
 from fastgrpo.config import Config, ConfigError, to_dict
 from fastgrpo.data.prompts import build_messages, encode_prompt
@@ -176,12 +177,17 @@ def train(cfg: Config, resume: bool = False, timer: PhaseTimer | None = None) ->
     tokenizer = load_tokenizer(model_dir)
     dtype = getattr(torch, cfg.model.dtype)
     set_attention_backend(cfg.model.attention)
-    policy = load_policy(latest or model_dir, dtype=dtype, device=device,
-                         gradient_checkpointing=cfg.model.gradient_checkpointing)
+    # With LoRA a checkpoint holds the adapter only: the base comes from model.path every time.
+    adapters = cfg.lora.rank > 0
+    policy = load_policy(model_dir if adapters else (latest or model_dir), dtype=dtype, device=device,
+                         gradient_checkpointing=cfg.model.gradient_checkpointing, lora=cfg.lora, adapter_dir=latest)
     if cfg.model.liger:
         apply_liger_patches(policy)
     policy = distributed.shard_model(policy)  # FSDP2 over the ranks; one process: unchanged
-    reference = distributed.shard_model(load_reference(model_dir, dtype=dtype, device=device)) if cfg.loss.beta > 0 else None
+    if adapters:  # the KL reference is the policy with its adapters off: no second model
+        reference = lora.reference_view(policy) if cfg.loss.beta > 0 else None
+    else:
+        reference = distributed.shard_model(load_reference(model_dir, dtype=dtype, device=device)) if cfg.loss.beta > 0 else None
     optimizer = build_optimizer(policy.parameters(), cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
     sampler = make_sampler(cfg, train_problems)
@@ -204,7 +210,7 @@ def train(cfg: Config, resume: bool = False, timer: PhaseTimer | None = None) ->
     if shape.model_max_length:
         max_model_len = min(max_model_len, shape.model_max_length)
     engine = make_engine(
-        cfg.rollout.engine, model_path=str(latest or model_dir), model=policy, tokenizer=tokenizer,
+        cfg.rollout.engine, model_path=str(model_dir if adapters else (latest or model_dir)), model=policy, tokenizer=tokenizer,
         dtype=cfg.rollout.dtype, seed=cfg.train.seed,
         max_model_len=max_model_len,
         gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
@@ -212,6 +218,8 @@ def train(cfg: Config, resume: bool = False, timer: PhaseTimer | None = None) ->
         mode=cfg.rollout.mode, server_host=cfg.rollout.server_host, server_port=cfg.rollout.server_port,
         server_group_port=cfg.rollout.server_group_port, server_timeout_s=cfg.rollout.server_timeout_s,
     )
+    if start is not None and adapters:
+        engine.sync_weights(policy)  # the engine started from the base model: it gets the saved adapter
     if start is not None:
         # vLLM seeds the global generators when it starts: the checkpoint's RNG state goes back after it.
         ckpt.set_rng_state(torch.load(start / "rng.pt", weights_only=True))

@@ -15,7 +15,7 @@ from fastgrpo.rewards import get_reward
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ALL = sorted(CONFIGS.glob("*.yaml"))
 RECIPES = ["default", "r1-distill-qwen-1.5b-a40", "open-rs-exp1", "open-rs-exp2", "open-rs-exp3",
-           "deepscaler-1.5b", "qwen2.5-0.5b-scaling"]
+           "deepscaler-1.5b", "qwen2.5-0.5b-scaling", "tina-r1-distill-1.5b-lora", "open-rs-exp3-24gb"]
 
 
 def _cfg(name: str):
@@ -121,3 +121,27 @@ def test_the_overrides_the_headers_suggest_work():
     assert load_config(CONFIGS / "deepscaler-1.5b.yaml", ["rollout.num_generations=16"]).rollout.num_generations == 16
     for name in ("open-rs-exp1", "open-rs-exp2", "open-rs-exp3"):
         assert load_config(CONFIGS / f"{name}.yaml", ["eval.every_n_steps=0"]).eval.every_n_steps == 0
+
+
+def test_lora_recipes_are_open_rs_exp3_with_tinas_adapters():
+    exp3 = to_dict(_cfg("open-rs-exp3"))
+    lora_keys = {"lora.rank", "lora.alpha", "lora.dropout"}
+    for name in ("tina-r1-distill-1.5b-lora", "open-rs-exp3-24gb"):
+        cfg = _cfg(name)
+        assert _differences(exp3, to_dict(cfg)) == lora_keys | {"log.output_dir"}, name
+        assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout) == (32, 128.0, 0.05)
+        assert set(cfg.lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    tina = _cfg("tina-r1-distill-1.5b-lora")
+    assert (tina.train.learning_rate, tina.rollout.num_generations, tina.rollout.max_completion_length) == (1e-6, 6, 3584)
+    assert set(tina.rewards) >= {"think_format", "cosine"}
+
+
+def test_the_24gb_recipe_fits_a_24gb_card_by_the_planner():
+    from fastgrpo.perf.plan import PRESETS, plan_memory
+
+    cfg = _cfg("open-rs-exp3-24gb")
+    plan = plan_memory(PRESETS["deepseek-r1-distill-qwen-1.5b"], "rtx4090-24gb", max_len=cfg.train.max_tokens_per_microbatch,
+                       group=cfg.rollout.num_generations, prompts_per_step=cfg.rollout.prompts_per_step,
+                       gradient_checkpointing=cfg.model.gradient_checkpointing, beta=cfg.loss.beta,
+                       vllm_share=cfg.rollout.gpu_memory_utilization, lora_rank=cfg.lora.rank)
+    assert plan.fits, plan.reasons

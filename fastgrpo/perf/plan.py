@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fastgrpo.kernels.gpus import GPU_DATASHEETS
+from fastgrpo.perf import lora_memory
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -365,7 +366,7 @@ class MemoryPlan:
 
 
 def step_peak_bytes(shape, tokens, *, b, gradient_checkpointing, loss, engine_bytes, loss_ws=None,
-                    gathered_keys=0) -> dict[str, int]:
+                    gathered_keys=0, lora_rank: int = 0, quantize: str = "none") -> dict[str, int]:
     """The micro-batch-dependent components, with the negative credit that makes them sum to the peak.
     loss_ws: the loss working set if the caller computed it (default: loss_working_set_bytes at T);
     gathered_keys: see activation_bytes (shared-prompt groups).
@@ -377,17 +378,29 @@ def step_peak_bytes(shape, tokens, *, b, gradient_checkpointing, loss, engine_by
     into a third tensor (measured on CPU: this end-of-backward peak of 3 x V x H was the whole
     micro-batch peak of SmolLM2 widths with checkpointing at 256 tokens); the fused loss hands autograd
     a gradient it alone holds, which the embedding's is added into: 2 x V x H (measured on CPU,
-    SmolLM2-135M with checkpointing: 217.5 MiB against 2 x 108.5)."""
+    SmolLM2-135M with checkpointing: 217.5 MiB against 2 x 108.5).
+
+    lora_rank > 0 (fastgrpo/perf/lora_memory.py): the LM head and the embeddings are frozen, so none of
+    their [V, H] gradients exist; each layer keeps the adapters' saved tensors too; the sync merges
+    one projection at a time. gathered_keys: see activation_bytes (shared-prompt groups)."""
     stored, backward = activation_bytes(shape, tokens, b, gradient_checkpointing, gathered_keys)
-    lm_head_grad = shape.vocab * shape.hidden * b
+    lm_head_grad = shape.vocab * shape.hidden * b if lora_rank == 0 else 0
+    if lora_rank:
+        adapters = tokens * lora_memory.adapter_activation_bytes_per_token(shape, lora_rank, b)
+        backward += adapters if gradient_checkpointing else 0
+        stored += 0 if gradient_checkpointing else shape.layers * adapters
     if shape.tied:
         backward += lm_head_grad
     if loss_ws is None:
         loss_ws = loss_working_set_bytes(loss, tokens, shape.vocab, shape.hidden, b)
+        if lora_rank:  # no weight-gradient accumulator or cast (the frozen-head path)
+            loss_ws -= (b if loss == "naive" else 4 + (b if b < 4 else 0)) * shape.vocab * shape.hidden
     embedding = ((3 if loss == "naive" else 2) if shape.tied else 1) * lm_head_grad + tokens * shape.hidden * b
     # Before vLLM reloads weights the trainer casts its state dict when the dtypes differ (a new tensor
     # per parameter); this happens after the optimizer step, with no activations alive.
     sync = shape.param_count() * engine_bytes if engine_bytes != b else 0
+    if lora_rank:
+        sync = lora_memory.merge_copy_bytes(shape, engine_bytes, b, quantize)
     step_peak = max(stored + max(loss_ws, backward), embedding, sync)
     parts = {"activations_stored": stored, "activations_backward": backward, "loss_working_set": loss_ws,
              "embedding_gradients": embedding, "weight_sync_copy": sync}
@@ -399,14 +412,15 @@ def plan_memory(shape: ModelShape, gpu: GpuSpec | str, *, max_len: int, group: i
                 dtype: str = "bfloat16", optimizer: str = "adamw", gradient_checkpointing: bool = False,
                 loss: str = "fused", beta: float = 0.0, vllm_share: float = 0.3, micro_batch_tokens: int | None = None,
                 vllm_dtype: str = "bfloat16", cuda_context_gib: float = CUDA_CONTEXT_GIB, prompt_len: int = 0,
-                shared_prefix: bool = True) -> MemoryPlan:
+                shared_prefix: bool = True, lora_rank: int = 0, quantize: str = "none") -> MemoryPlan:
     """Peak GPU memory of one GRPO training step with a colocated vLLM engine.
 
     max_len: longest sequence (prompt + completion) in tokens; micro_batch_tokens: packed tokens per
     micro-batch (default max_len; it must hold one sequence of max_len). vllm_share: the fraction of
     the GPU's memory given to vLLM (0: no engine on this GPU). prompt_len: the prompt's share of
     max_len (0: not known); with it and shared_prefix (``train.shared_prefix``) the plan counts the
-    packed tokens of a step with each prompt once per group and the keys that attention gathers."""
+    packed tokens of a step with each prompt once per group and the keys that attention gathers. lora_rank > 0: adapters on a frozen base
+    (quantize: none | 8bit | 4bit), the reference is the base itself (no weights of its own)."""
     gpu = get_gpu(gpu) if isinstance(gpu, str) else gpu
     b = _dtype_bytes(dtype)
     engine_bytes = _dtype_bytes(vllm_dtype, "vllm_dtype")
@@ -431,6 +445,8 @@ def plan_memory(shape: ModelShape, gpu: GpuSpec | str, *, max_len: int, group: i
     def gathered(t: int) -> int:
         return shared_prefix_gathered_keys(t, prompt_len, completion_len, group) if sharing else 0
 
+    if lora_rank < 0 or (quantize != "none" and lora_rank == 0):
+        raise ValueError(f"lora_rank must be >= 0 and quantize needs lora_rank > 0, got {lora_rank} / {quantize!r}")
     n_params = shape.param_count()
     capacity = int(gpu.memory_gib * GIB)
     rollout_sequences = prompts_per_step * group
@@ -441,6 +457,12 @@ def plan_memory(shape: ModelShape, gpu: GpuSpec | str, *, max_len: int, group: i
         "reference_weights": n_params * b if beta > 0 else 0,
         "rollout_tensors": rollout_sequences * max_len * ROLLOUT_BYTES_PER_TOKEN,
     }
+    if lora_rank:
+        n_adapter = lora_memory.adapter_params(shape, lora_rank)
+        fixed.update(policy_weights=lora_memory.base_weight_bytes(shape, b, quantize) + n_adapter * lora_memory.ADAPTER_BYTES,
+                     gradients=n_adapter * lora_memory.ADAPTER_BYTES,
+                     optimizer_states=n_adapter * (lora_memory.ADAPTER_TRAINING_BYTES_PER_PARAM - 2 * lora_memory.ADAPTER_BYTES),
+                     reference_weights=0)
     reasons, notes = [], []
     kv_tokens = concurrent = None
     vllm = {}
@@ -461,7 +483,8 @@ def plan_memory(shape: ModelShape, gpu: GpuSpec | str, *, max_len: int, group: i
 
     def peak_parts(t: int, which_loss: str) -> dict[str, int]:
         return step_peak_bytes(shape, t, b=b, gradient_checkpointing=gradient_checkpointing, loss=which_loss,
-                               engine_bytes=engine_bytes if vllm_share > 0 else b, gathered_keys=gathered(t))
+                               engine_bytes=engine_bytes if vllm_share > 0 else b, gathered_keys=gathered(t),
+                               lora_rank=lora_rank, quantize=quantize)
 
     parts = peak_parts(tokens, loss)
     total = sum(fixed.values()) + sum(parts.values())
@@ -483,7 +506,7 @@ def plan_memory(shape: ModelShape, gpu: GpuSpec | str, *, max_len: int, group: i
                     optimizer=optimizer, gradient_checkpointing=gradient_checkpointing, loss=loss, beta=beta,
                     vllm_share=vllm_share, vllm_dtype=vllm_dtype, micro_batch_tokens=tokens,
                     cuda_context_gib=cuda_context_gib, prompt_len=prompt_len, shared_prefix=shared_prefix,
-                    step_tokens=step_tokens if prompt_len else None)
+                    step_tokens=step_tokens if prompt_len else None, lora_rank=lora_rank, quantize=quantize)
     return MemoryPlan(model=shape, gpu=gpu, settings=settings, param_count=n_params, components=components,
                       total_bytes=total, capacity_bytes=capacity, fits=not reasons, reasons=reasons,
                       max_micro_batch_tokens=max_tokens, kv_cache_tokens=kv_tokens, concurrent_sequences=concurrent,
@@ -515,7 +538,9 @@ def format_plan(plan: MemoryPlan) -> str:
         "",
         f"max_len {s['max_len']}, group {s['group']} x {s['prompts_per_step']} prompts = {plan.rollout_sequences} "
         f"sequences/step, micro-batch {s['micro_batch_tokens']} tokens, {s['dtype']}, {s['optimizer']}, "
-        f"gradient checkpointing {ckpt}, loss {s['loss']}, beta {s['beta']}, vLLM share {s['vllm_share']}",
+        f"gradient checkpointing {ckpt}, loss {s['loss']}, beta {s['beta']}, vLLM share {s['vllm_share']}"
+        + (f", LoRA rank {s['lora_rank']} (base {s['quantize'] if s['quantize'] != 'none' else s['dtype']})"
+           if s.get("lora_rank") else ""),
         "",
         "| component | GiB |",
         "|---|---:|",
@@ -559,6 +584,9 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the prompt's tokens within --max-len: counts shared-prompt groups (0: unknown)")
     parser.add_argument("--shared-prefix", action=argparse.BooleanOptionalAction, default=TrainConfig.shared_prefix,
                         help="each prompt packed once per group (train.shared_prefix)")
+    parser.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (0: full-parameter training)")
+    parser.add_argument("--quantize", default="none", choices=lora_memory.QUANTIZE_CHOICES,
+                        help="the frozen base of a LoRA run: none (--dtype), 8bit or 4bit (NF4, QLoRA)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -572,7 +600,7 @@ def run_plan(args: argparse.Namespace) -> int:
                            gradient_checkpointing=args.gradient_checkpointing, loss=args.loss, beta=args.beta,
                            vllm_share=args.vllm_memory_share, micro_batch_tokens=args.micro_batch_tokens,
                            vllm_dtype=args.vllm_dtype, prompt_len=args.prompt_len,
-                           shared_prefix=args.shared_prefix)
+                           shared_prefix=args.shared_prefix, lora_rank=args.lora_rank, quantize=args.quantize)
     except ValueError as exc:
         print(f"fastgrpo plan: error: {exc}", file=sys.stderr)
         return 2

@@ -118,8 +118,14 @@ def checkpoint_named_weights(
     tied Llama: log-probs 10 nats away from the trainer's after a sync, 1e-5 with it sent).
     Casting lazily, one tensor at a time, keeps the extra memory at one parameter. A parameter
     sharded by FSDP2 (a DTensor) is cast shard-wise, then all-gathered: every rank of the trainer
-    must iterate together (a collective per parameter).
+    must iterate together (a collective per parameter). A LoRA policy (peft) yields its base names
+    with the adapters merged in on the fly (fastgrpo.lora.merged_named_weights).
     """
+    from fastgrpo.lora import is_adapter_model, merged_named_weights
+
+    if is_adapter_model(model):
+        yield from merged_named_weights(model, dtype)
+        return
     for name, param in model.named_parameters(remove_duplicate=False):
         for prefix in _WRAPPER_PREFIXES:
             if name.startswith(prefix):

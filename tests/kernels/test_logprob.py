@@ -160,6 +160,36 @@ def test_torch_path_never_allocates_n_by_v():
     assert mode.numel >= 8 * 300  # the check saw the chunk buffers (the mode is active throughout)
 
 
+class LargestAllocation(LargestTensor):
+    """Records the largest new tensor: outputs that share storage with an input (views such as the
+    weight's transpose) are not allocations."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_flatten(out)[0]:
+            if (isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs
+                    and t.numel() > self.numel):
+                self.numel, self.op = t.numel(), func
+        return out
+
+
+def test_frozen_head_allocates_no_weight_sized_tensor_on_the_torch_path():
+    """LoRA's frozen LM head: no [V, H] gradient buffer (V x H = 4,800 > chunk 8 x V = 2,400 > N x H)."""
+    params = LogprobParams(1.3, True, impl="torch", chunk_tokens=8)
+    sizes = {}
+    for trainable in (True, False):
+        hidden, weight, targets, grad_logp, grad_entropy = make_inputs(96, 16, 300, torch.float32, seed=8)
+        hidden.requires_grad_(), weight.requires_grad_(trainable)
+        with LargestAllocation() as mode:
+            logp, ent = TokenLogprobFunction.apply(hidden, weight, targets, params)
+            ((logp * grad_logp).sum() + (ent * grad_entropy).sum()).backward()
+        sizes[trainable] = mode.numel
+    assert sizes[True] >= 300 * 16  # the probe sees the weight gradient when there is one
+    assert sizes[False] < 300 * 16, f"a frozen head still made a tensor of {sizes[False]} elements"
+
+
 def test_memory_check_catches_the_naive_reference():
     mode, n_by_v = _largest_in_fwd_bwd(
         lambda h, w, t: token_logprobs(h, w, t, 1.3, True, impl="reference"))
@@ -371,6 +401,11 @@ def _triton_worker(out_path):
         with LargestFloat32() as mode:
             (logp * grad_logp).sum().backward()
         largest_fp32[backward] = mode.numel
+        weight.requires_grad_(False)  # a frozen head (LoRA): no [V, H] buffer in any dtype
+        logp = TokenLogprobFunction.apply(hidden, weight, targets, _triton_params(1.0, False, "small", 2, backward))
+        with LargestAllocation() as mode:
+            (logp * grad_logp).sum().backward()
+        largest_fp32[f"{backward}-frozen"] = mode.numel
     torch.save({"cases": results, "largest_fp32": largest_fp32}, out_path)
 
 
@@ -406,6 +441,8 @@ def test_two_kernel_backward_holds_no_fp32_copy_of_the_weight(triton_results):
     largest = triton_results["largest_fp32"]
     assert largest["atomic"] >= 300 * 45  # the probe sees the kernels' buffers
     assert largest["two-kernel"] == max(2 * 67 * 45, 2 * 64 * 45)
+    # a frozen weight: bwd_weight is not launched and the atomic kernel gets no [V, H] accumulator
+    assert largest["two-kernel-frozen"] < 300 * 45 and largest["atomic-frozen"] < 300 * 45
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--triton-worker"]:

@@ -1,0 +1,298 @@
+"""LoRA and QLoRA: low-rank adapters on a frozen (optionally 4/8-bit) base model, via peft.
+
+With ``lora.rank > 0`` the policy is a ``peft.PeftModel``: only the adapters' A and B matrices train
+and hold optimizer state; the embeddings, the LM head (so the fused loss skips its weight-gradient
+matmul) and every base weight stay frozen. Three things follow from keeping the base untouched:
+
+- the KL reference (``loss.beta > 0``) is the same model with its adapters switched off
+  (``reference_view``): no second model is loaded;
+- the rollout engine gets merged weights ``W + (alpha / r) B A``, computed one layer at a time under
+  the base model's parameter names (``merged_named_weights``) while the trainer's model keeps its
+  adapters unmerged;
+- a checkpoint is a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)
+  beside the trainer state, and ``export_merged`` turns one into an ordinary Hugging Face folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastgrpo.config import ConfigError, LoraConfig
+
+log = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+# peft's prefix in front of the wrapped model's parameter names, and the folder a wrapped layer keeps
+# its own (frozen) parameters in.
+_PEFT_PREFIX = "base_model.model."
+_BASE_LAYER = ".base_layer"
+# Parameter names that belong to an adapter, not to the base model.
+_ADAPTER_PARAM = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.")
+# Module types peft's LoRA can wrap (the class names of torch / transformers layers).
+WRAPPABLE_TYPES = ("Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d", "Conv1D", "MultiheadAttention")
+
+
+def lora_alpha(cfg: LoraConfig) -> float:
+    return float(cfg.alpha) if cfg.alpha is not None else 2.0 * cfg.rank
+
+
+def is_adapter_model(model: Any) -> bool:
+    """True for a peft-wrapped policy (lora.rank > 0)."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def is_adapter_folder(path: str | os.PathLike) -> bool:
+    """A PEFT adapter folder (a LoRA checkpoint), as opposed to a full model folder."""
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+# ----------------------------------------------------------------------------- checks before loading
+
+
+def check_quantize_supported(quantize: str) -> None:
+    """lora.quantize needs bitsandbytes with a backend for this machine; raise ConfigError if not.
+
+    bitsandbytes 0.50's CPU backend quantizes to NF4 and runs its forward and backward (found out on
+    this project's CPU machine: a Linear4bit's forward/backward in bf16 and dequantize_4bit work), so
+    4bit is allowed on CPU; LLM.int8 (8bit) is a CUDA kernel and is refused without a GPU.
+    """
+    if quantize == "none":
+        return
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"lora.quantize={quantize}: needs bitsandbytes (pip install 'bitsandbytes>=0.45'); "
+                          "allowed without it: none", key="lora.quantize") from None
+    if quantize == "8bit" and not torch.cuda.is_available():
+        raise ConfigError("lora.quantize=8bit: bitsandbytes' LLM.int8 needs a CUDA GPU; on this machine use "
+                          "lora.quantize=4bit (NF4 runs on bitsandbytes' CPU backend) or none", key="lora.quantize")
+
+
+def check_targets(cfg: LoraConfig, model_dir: str | os.PathLike) -> None:
+    """Every ``lora.target_modules`` name matches a module of the model, of a type peft can wrap.
+
+    The model is built on the meta device from its config.json (no weights read), so this runs
+    before any model loads. Raises ConfigError naming the key, the bad name and what is allowed.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    by_name: dict[str, set[str]] = {}
+    for name, module in model.named_modules():
+        if name:
+            by_name.setdefault(name.rsplit(".", 1)[-1], set()).add(type(module).__name__)
+    linear = sorted(n for n, types in by_name.items() if "Linear" in types and n != "lm_head")
+    for i, target in enumerate(cfg.target_modules):
+        if target not in by_name:
+            raise ConfigError(f"lora.target_modules[{i}]={target!r} matches no module of {config.model_type} "
+                              f"({model_dir}); allowed: {linear}", key="lora.target_modules")
+        unwrappable = sorted(t for t in by_name[target] if t not in WRAPPABLE_TYPES)
+        if unwrappable:
+            raise ConfigError(f"lora.target_modules[{i}]={target!r} names {unwrappable} modules, which peft's LoRA "
+                              f"cannot wrap (it wraps {', '.join(WRAPPABLE_TYPES)}); allowed here: {linear}", key="lora.target_modules")
+        if target in ("lm_head", "embed_tokens"):
+            raise ConfigError(f"lora.target_modules[{i}]={target!r}: the LM head and the embeddings stay frozen "
+                              f"(the fused loss reads the head weight directly); allowed: {linear}", key="lora.target_modules")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def quantization_config(cfg: LoraConfig):
+    """transformers' BitsAndBytesConfig for lora.quantize (None for none): NF4 with double
+    quantization and bf16 compute (QLoRA), or LLM.int8. The LM head stays unquantized."""
+    if cfg.quantize == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantize == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def wrap_model(model: torch.nn.Module, cfg: LoraConfig, adapter_dir: str | os.PathLike | None = None):
+    """The policy with adapters: fresh ones (B = 0, so the model starts as the base), or those saved
+    in ``adapter_dir`` (resume). Only adapter parameters require grad."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel, get_peft_model
+
+    if adapter_dir is not None:
+        wrapped = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+    else:
+        peft_config = PeftLoraConfig(r=cfg.rank, lora_alpha=lora_alpha(cfg), lora_dropout=cfg.dropout,
+                                     target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+        wrapped = get_peft_model(model, peft_config)
+    for name, param in wrapped.named_parameters():
+        if param.requires_grad and not _ADAPTER_PARAM.search(name):
+            raise RuntimeError(f"peft left the base parameter {name} trainable")  # a peft behaviour change
+    trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in wrapped.parameters())
+    log.info("LoRA rank %d on %s: %d trainable parameters of %d (%.2f%%)", cfg.rank, list(cfg.target_modules),
+             trainable, total, 100.0 * trainable / total)
+    return wrapped
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+class _AdaptersOff(torch.nn.Module):
+    """A module run with the adapters of ``policy`` switched off."""
+
+    def __init__(self, policy, module: torch.nn.Module) -> None:
+        super().__init__()
+        self._policy = [policy]  # a list: not registered as a submodule
+        self.inner = module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with self._policy[0].disable_adapter():
+            return self.inner(*args, **kwargs)
+
+
+class ReferenceView:
+    """The KL reference of a LoRA run: the policy with its adapters disabled, i.e. the frozen base
+    model itself, sharing its weights (no second model). It offers what the packed forward uses
+    (``model.packed_token_logprobs`` reads config, embeddings, decoder and LM head)."""
+
+    def __init__(self, policy) -> None:
+        self.policy = policy
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.policy, name)
+
+    def get_decoder(self) -> torch.nn.Module:
+        return _AdaptersOff(self.policy, self.policy.get_decoder())
+
+
+def reference_view(policy) -> ReferenceView:
+    if not is_adapter_model(policy):
+        raise TypeError(f"reference_view needs a LoRA policy (peft.PeftModel), got {type(policy).__name__}")
+    return ReferenceView(policy)
+
+
+# ----------------------------------------------------------------------------- merged weights
+
+
+def _base_name(name: str) -> str:
+    """peft's name of a base parameter -> the Hugging Face checkpoint name."""
+    name = name.removeprefix(_PEFT_PREFIX)
+    return name.replace(_BASE_LAYER + ".", ".")
+
+
+def merged_named_weights(model, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, W + scaling * B @ A cast to ``dtype``) for every base parameter of a
+    LoRA policy (adapters off: W), tied parameters under every name, one tensor at a time.
+
+    The sum is formed in fp32 and cast once, so a bf16 engine gets the rounding of the merged weight,
+    not of W and of the update separately. A quantized base weight is dequantized first. The
+    trainer's model is never changed (peft's merge would write into W and lose bits on unmerge).
+    """
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.integrations import dequantize_module_weight
+
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+    with torch.no_grad():
+        for name, param in model.named_parameters(remove_duplicate=False):
+            if _ADAPTER_PARAM.search(name):
+                continue
+            module_name, leaf = name.rsplit(".", 1)
+            owner = module_name.removesuffix(_BASE_LAYER) if module_name.endswith(_BASE_LAYER) else None
+            layer = layers.get(owner) if owner is not None else None
+            if layer is not None and leaf == "weight":
+                base = layer.get_base_layer()
+                weight = dequantize_module_weight(base) if _is_quantized(param) else param
+                if layer.merged:
+                    raise RuntimeError(f"{owner} has its adapter merged into the base weight; the trainer never merges")
+                merged = weight.detach().float()
+                if not layer.disable_adapters:
+                    for adapter in layer.active_adapters:
+                        if adapter in layer.lora_A:
+                            merged = merged + layer.get_delta_weight(adapter).float()
+                tensor = merged.to(dtype)
+            else:
+                tensor = param.detach().to(dtype)
+            yield _base_name(name), tensor
+
+
+def _is_quantized(param: torch.Tensor) -> bool:
+    return type(param).__name__ in ("Params4bit", "Int8Params")
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def adapter_base_model(adapter_dir: str | os.PathLike) -> str | None:
+    """The base model folder an adapter folder names (``base_model_name_or_path``)."""
+    config = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())
+    return config.get("base_model_name_or_path")
+
+
+def load_adapter_model(adapter_dir: str | os.PathLike, base: str | os.PathLike | None = None,
+                       dtype: torch.dtype = torch.float32):
+    """The base model (``base``, else the folder the adapter names) with the adapter loaded, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    from fastgrpo.model import resolve_model_path
+
+    base = base if base is not None else adapter_base_model(adapter_dir)
+    try:
+        base_dir = resolve_model_path(base)
+    except ValueError as exc:
+        raise FileNotFoundError(f"the base model of the adapter {adapter_dir} ({ADAPTER_CONFIG} "
+                                f"base_model_name_or_path={base!r}): {exc}. Pass the base model folder "
+                                "explicitly (--base)") from None
+    from peft import PeftModel
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    return PeftModel.from_pretrained(model, str(adapter_dir)).eval(), base_dir
+
+
+def export_merged(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                  base: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32) -> Path:
+    """Write base + adapter as one ordinary Hugging Face folder (weights, config, tokenizer, generation
+    config) that transformers and vLLM load without peft. ``adapter_dir`` may also be a checkpoint."""
+    from transformers import AutoTokenizer
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} exists and is not empty; choose a new folder for the merged model")
+    model, base_dir = load_adapter_model(adapter_dir, base, dtype)
+    merged = model.merge_and_unload()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer_dir = adapter_dir if (Path(adapter_dir) / "tokenizer_config.json").is_file() else base_dir
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
+    return out_dir
+
+
+@contextlib.contextmanager
+def merged_model_folder(path: str | os.PathLike, scratch: str | os.PathLike | None = None) -> Iterator[Path]:
+    """``path`` itself for a model folder; for an adapter folder, a temporary merged export
+    (removed afterwards). Lets model-folder consumers (``fastgrpo eval``, vLLM) take either."""
+    import shutil
+    import tempfile
+
+    if not is_adapter_folder(path):
+        yield Path(path)
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="fastgrpo-merged-", dir=scratch))
+    try:
+        log.info("merging the adapter %s into %s", path, tmp)
+        yield export_merged(path, tmp / "model")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
