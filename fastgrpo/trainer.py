@@ -1,7 +1,7 @@
 """The GRPO loop, top to bottom: rollout -> reward -> advantage -> pack -> log-probs -> loss -> step
 -> sync -> log -> checkpoint.
 
-Algorithm choices, each a config key (fastgrpo/config.py holds every default):
+Algorithm choices, each a config key (fastgrpo/config/schema.py holds every default):
 - rollout: ``rollout.num_generations`` (G) samples for each of ``rollout.prompts_per_step`` prompts,
   from an in-process vLLM engine (``rollout.engine``) that keeps the sampler's log-probs; with
   ``rollout.dynamic_sampling_rounds`` groups whose rewards all agree are replaced by fresh prompts

@@ -35,7 +35,8 @@ def run(out: Path, scratch: Path, completion_length: int) -> dict:
     from fastgrpo.config import load_config
     from fastgrpo.perf import profile
     from fastgrpo.perf.gpu_check import same_shape_random_model
-    from fastgrpo.perf.plan import GIB, GpuSpec, PRESETS, plan_memory
+    from fastgrpo.perf.plan import GIB, GpuSpec, plan_memory
+    from fastgrpo.perf.shapes import PRESETS
 
     if not torch.cuda.is_available():
         raise SystemExit("gpu_grpo_check.py needs a CUDA device")

@@ -45,7 +45,7 @@ VARIANTS = (("naive", "naive", None), ("fastgrpo", "fastgrpo", None), ("fastgrpo
 def r1_microbatch_shape() -> tuple[str, tuple[int, int, int, int]]:
     """(name, (N, H, V, sequences)): the R1 recipe's micro-batch through its model's LM head."""
     from fastgrpo.config import load_config
-    from fastgrpo.perf.plan import PRESETS
+    from fastgrpo.perf.shapes import PRESETS
 
     tokens = load_config(R1_RECIPE).train.max_tokens_per_microbatch
     shape = PRESETS[R1_PRESET]

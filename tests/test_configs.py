@@ -137,7 +137,8 @@ def test_lora_recipes_are_open_rs_exp3_with_tinas_adapters():
 
 
 def test_the_24gb_recipe_fits_a_24gb_card_by_the_planner():
-    from fastgrpo.perf.plan import PRESETS, plan_memory
+    from fastgrpo.perf.plan import plan_memory
+    from fastgrpo.perf.shapes import PRESETS
 
     cfg = _cfg("open-rs-exp3-24gb")
     plan = plan_memory(PRESETS["deepseek-r1-distill-qwen-1.5b"], "rtx4090-24gb", max_len=cfg.train.max_tokens_per_microbatch,

@@ -70,7 +70,7 @@ class Outcome:
 def same_shape_random_model(out: Path) -> Path:
     """A random Qwen2 model with DeepSeek-R1-Distill-Qwen-1.5B's shape and the default tokenizer."""
     from fastgrpo.model import save_random_model
-    from fastgrpo.perf.plan import PRESETS
+    from fastgrpo.perf.shapes import PRESETS
 
     shape = PRESETS["deepseek-r1-distill-qwen-1.5b"]
     return save_random_model(out, "qwen2", dtype=torch.bfloat16, vocab_size=shape.vocab, hidden_size=shape.hidden,

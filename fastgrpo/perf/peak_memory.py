@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from fastgrpo.perf.plan import (DTYPE_BYTES, GpuSpec, ModelShape, activation_bytes, loss_working_set_bytes, model_shape,
-                           plan_memory, step_peak_bytes)
+from fastgrpo.perf.plan import DTYPE_BYTES, GpuSpec, activation_bytes, loss_working_set_bytes, plan_memory, step_peak_bytes
+from fastgrpo.perf.shapes import ModelShape, model_shape
 
 # record_function ranges whose names start with this are measured windows
 WINDOW_PREFIX = "peak::"

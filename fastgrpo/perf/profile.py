@@ -338,7 +338,7 @@ def run_profile(cfg, steps: int = 3, out_dir: str | Path = "runs/profile", trace
     from fastgrpo.metrics import read_metrics
     from fastgrpo.model import resolve_model_path
     from fastgrpo.phases import PhaseTimer
-    from fastgrpo.perf.plan import model_shape
+    from fastgrpo.perf.shapes import model_shape
     from fastgrpo.trainer import pick_device, train
 
     if not isinstance(steps, int) or steps < 1:

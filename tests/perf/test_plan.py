@@ -18,9 +18,8 @@ import pytest
 import torch
 
 from fastgrpo.perf.peak_memory import measure_training_peak, predicted_training_peak
-from fastgrpo.perf.plan import (GIB, GPUS, PRESETS, activation_bytes, add_plan_arguments, format_plan,
-                           kv_bytes_per_token, loss_working_set_bytes, model_shape, optimizer_state_bytes,
-                           plan_memory, run_plan, shape_from_config)
+from fastgrpo.perf.plan import GIB, GPUS, activation_bytes, add_plan_arguments, format_plan, kv_bytes_per_token, loss_working_set_bytes, optimizer_state_bytes, plan_memory, run_plan
+from fastgrpo.perf.shapes import PRESETS, model_shape, shape_from_config
 
 R1 = PRESETS["deepseek-r1-distill-qwen-1.5b"]
 

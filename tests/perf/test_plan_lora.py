@@ -6,7 +6,8 @@ import torch
 
 from fastgrpo.config import LoraConfig
 from fastgrpo.perf import lora_memory
-from fastgrpo.perf.plan import PRESETS, model_shape, plan_memory
+from fastgrpo.perf.plan import plan_memory
+from fastgrpo.perf.shapes import PRESETS, model_shape
 
 R1 = PRESETS["deepseek-r1-distill-qwen-1.5b"]
 TARGET = dict(max_len=16384, group=8, gradient_checkpointing=True)

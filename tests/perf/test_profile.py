@@ -130,7 +130,7 @@ def test_training_flops_formula_equals_torch_flop_counter(tiny_model_dir):
     from fastgrpo.kernels import fused_grpo_loss
     from fastgrpo.model import lm_head_weight, load_policy, packed_hidden_states
     from fastgrpo.packing import pack_sequences
-    from fastgrpo.perf.plan import model_shape
+    from fastgrpo.perf.shapes import model_shape
 
     def addmm_inplace_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs):
         return 2 * a_shape[0] * a_shape[1] * b_shape[1]  # the fused loss accumulates grad_weight with addmm_
