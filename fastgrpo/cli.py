@@ -65,7 +65,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from fastgrpo.eval.suite import eval_settings, load_suite
     from fastgrpo.data.sources import default_data_dir
-    from fastgrpo.lora import merged_model_folder
+    from fastgrpo.lora_export import merged_model_folder
     from fastgrpo.model import resolve_model_path
 
     entries = [*(args.suite or []), *(args.data or [])]
@@ -119,7 +119,8 @@ def _eval_model(args: argparse.Namespace, model_dir: Path, sets: list, settings)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from fastgrpo.lora import export_merged, is_adapter_folder
+    from fastgrpo.lora import is_adapter_folder
+    from fastgrpo.lora_export import export_merged
 
     if not args.merge:
         raise ConfigError("fastgrpo export needs --merge (the only export so far: adapter + base -> one model folder)", key=None)

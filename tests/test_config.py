@@ -67,9 +67,9 @@ def test_roundtrip_through_dict(tmp_path):
 
 
 def test_config_from_dict_round_trips_and_its_errors_are_load_configs():
-    cfg = load_config(None, ["train.seed=3", "rewards={accuracy: 1.0}"])
+    cfg = load_config(None, ["train.seed=3", "reward_weights={accuracy: 1.0}"])
     assert config_from_dict(to_dict(cfg)) == cfg
-    assert config_from_dict(to_dict(cfg), ["train.seed=4"]) == load_config(None, ["rewards={accuracy: 1.0}", "train.seed=4"])
+    assert config_from_dict(to_dict(cfg), ["train.seed=4"]) == load_config(None, ["reward_weights={accuracy: 1.0}", "train.seed=4"])
     for data, override in [({"train": {"max_stepz": 3}}, "train.max_stepz=3"),
                            ({"train": {"max_steps": "many"}}, "train.max_steps=many"),
                            ({"rollout": {"num_generations": 1}}, "rollout.num_generations=1")]:

@@ -133,7 +133,7 @@ def test_lora_recipes_are_open_rs_exp3_with_tinas_adapters():
         assert set(cfg.lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     tina = _cfg("tina-r1-distill-1.5b-lora")
     assert (tina.train.learning_rate, tina.rollout.num_generations, tina.rollout.max_completion_length) == (1e-6, 6, 3584)
-    assert set(tina.rewards) >= {"think_format", "cosine"}
+    assert set(tina.reward_weights) >= {"think_format", "cosine"}
 
 
 def test_the_24gb_recipe_fits_a_24gb_card_by_the_planner():

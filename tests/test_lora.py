@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from fastgrpo import lora
+from fastgrpo import lora, lora_export
 from fastgrpo.config import ConfigError, LoraConfig, load_config
 from fastgrpo.model import load_policy, packed_token_logprobs
 from fastgrpo.packing import pack_sequences
@@ -182,7 +182,7 @@ def test_adapter_checkpoint_export_merge_and_eval_folder(tiny_model_dir, tmp_pat
     assert main(["export", "--merge", str(adapter), str(out)]) == 0
     assert (out / "config.json").is_file() and not lora.is_adapter_folder(out)
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    loaded, _ = lora.load_adapter_model(adapter)
+    loaded, _ = lora_export.load_adapter_model(adapter)
     ids = torch.tensor([[1, 5, 9, 200, 3000, 17]])
     policy.eval()
     with torch.no_grad():
