@@ -23,3 +23,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     distributions are near-uniform (initializer_range 0.02). ~5 s to build, once per session.
     """
     return save_random_model(tmp_path_factory.mktemp("tiny_llama"), "llama", seed=0, **TINY_MODEL_CONFIG)
+
+
+@pytest.fixture
+def no_attention_override(monkeypatch):
+    """The attention backend as configured by nothing: no FASTGRPO_ATTENTION, no override, before and
+    after the test (the attention and shared-prefix tests set both)."""
+    from fastgrpo import attention
+
+    monkeypatch.delenv(attention.ENV_VAR, raising=False)
+    attention.set_attention_backend(None)
+    yield
+    attention.set_attention_backend(None)

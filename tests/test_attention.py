@@ -24,6 +24,8 @@ from fastgrpo.attention import (
 from fastgrpo.model import random_model
 
 LENGTHS = [7, 5, 1, 12]
+pytestmark = pytest.mark.usefixtures("no_attention_override")
+
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=300, max_position_embeddings=64,
             # larger than the 0.02 default so that attention is far from uniform and a sequence
@@ -31,12 +33,6 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             initializer_range=0.2)
 
 
-@pytest.fixture(autouse=True)
-def _no_backend_override(monkeypatch):
-    monkeypatch.delenv(attention.ENV_VAR, raising=False)
-    set_attention_backend(None)
-    yield
-    set_attention_backend(None)
 
 
 def naive_varlen_attention(q, k, v, cu_seqlens, causal, scale):

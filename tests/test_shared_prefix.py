@@ -14,7 +14,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import fastgrpo.attention as attention
-from fastgrpo.attention import ATTN_IMPLEMENTATION, set_attention_backend, varlen_attention
+from fastgrpo.attention import ATTN_IMPLEMENTATION, varlen_attention
 from fastgrpo.distributed import split_groups
 from fastgrpo.kernels import fused_grpo_loss
 from fastgrpo.model import lm_head_weight, packed_hidden_states, packed_token_logprobs
@@ -22,18 +22,14 @@ from fastgrpo.packing import pack_sequences
 from fastgrpo.shared_prefix import (pack_groups, pack_microbatch, plan_group_microbatches,
                                     plan_step_microbatches, shared_token_count)
 
+pytestmark = pytest.mark.usefixtures("no_attention_override")
+
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=300, max_position_embeddings=256,
             # far from uniform attention: a completion that saw another completion would differ a lot
             initializer_range=0.2)
 
 
-@pytest.fixture(autouse=True)
-def _no_backend_override(monkeypatch):
-    monkeypatch.delenv(attention.ENV_VAR, raising=False)
-    set_attention_backend(None)
-    yield
-    set_attention_backend(None)
 
 
 def _groups(prompt_lens, completion_lens, seed=0, vocab=300):
