@@ -244,20 +244,12 @@ def test_qlora_4bit_base_trains_adapters_and_streams_dequantized_merged_weights(
     """lora.quantize=4bit on CPU: bitsandbytes 0.50's CPU backend holds the base in NF4; the adapters
     train, and the engine gets dequantize(W) + delta, the weights the trainer computes with."""
     bnb = pytest.importorskip("bitsandbytes")
-    from fastgrpo.kernels import fused_grpo_loss
-    from fastgrpo.model import lm_head_weight, packed_hidden_states
 
     torch.manual_seed(0)
     policy = load_policy(tiny_model_dir, dtype=torch.bfloat16, lora=LoraConfig(rank=4, quantize="4bit"))
     q_proj = policy.base_model.model.model.layers[0].self_attn.q_proj
     assert type(q_proj.base_layer).__name__ == "Linear4bit"
-    randomize_adapters(policy)
-    rollout = synthetic_rollout(policy.config.vocab_size)
-    batch = pack_sequences(*rollout.sequences([0, 1, 2, 3]))
-    loss, *_ = fused_grpo_loss(packed_hidden_states(policy, batch), lm_head_weight(policy), batch.targets, None, None,
-                               rollout.advantages, batch.completion_cu_seqlens)
-    loss.backward()
-    with_grad = {n for n, p in policy.named_parameters() if p.grad is not None}
+    with_grad = _params_with_grad_after_a_loss(policy)
     assert with_grad and all(".lora_" in n for n in with_grad)
     streamed = dict(checkpoint_named_weights(policy, torch.float32))
     weight = q_proj.base_layer.weight
@@ -269,23 +261,14 @@ def test_qlora_4bit_base_trains_adapters_and_streams_dequantized_merged_weights(
 def test_gradient_checkpointing_and_liger_patches_keep_the_adapters(tiny_model_dir):
     import importlib
 
-    from fastgrpo.model import apply_liger_patches, lm_head_weight, packed_hidden_states
+    from fastgrpo.model import apply_liger_patches
 
-    pytest.importorskip("liger_kernel")
     from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
     from peft.tuners.lora import LoraLayer
 
     torch.manual_seed(0)
     policy = load_policy(tiny_model_dir, gradient_checkpointing=True, lora=LoraConfig(rank=4))
-    randomize_adapters(policy)
-    rollout = synthetic_rollout(policy.config.vocab_size)
-    batch = pack_sequences(*rollout.sequences([0, 1, 2, 3]))
-    from fastgrpo.kernels import fused_grpo_loss
-
-    loss, *_ = fused_grpo_loss(packed_hidden_states(policy, batch), lm_head_weight(policy), batch.targets, None, None,
-                               rollout.advantages, batch.completion_cu_seqlens)
-    loss.backward()
-    with_grad = {n for n, p in policy.named_parameters() if p.grad is not None}
+    with_grad = _params_with_grad_after_a_loss(policy)
     assert with_grad == {n for n, p in policy.named_parameters() if p.requires_grad}  # through recomputed layers
 
     module = importlib.import_module("transformers.models.llama.modeling_llama")
@@ -307,3 +290,17 @@ def test_lora_under_torchrun_is_refused_before_loading(tiny_model_dir, tmp_path,
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match=r"lora\.rank=4: LoRA runs in one training process"):
         check_run(tiny_config(tiny_model_dir, tmp_path, "transformers", "lora.rank=4"))
+
+
+def _params_with_grad_after_a_loss(policy) -> set[str]:
+    """Random adapters, one fused GRPO loss over a synthetic rollout, backward: the names that got a gradient."""
+    from fastgrpo.kernels import fused_grpo_loss
+    from fastgrpo.model import lm_head_weight, packed_hidden_states
+
+    randomize_adapters(policy)
+    rollout = synthetic_rollout(policy.config.vocab_size)
+    batch = pack_sequences(*rollout.sequences([0, 1, 2, 3]))
+    loss, *_ = fused_grpo_loss(packed_hidden_states(policy, batch), lm_head_weight(policy), batch.targets, None, None,
+                               rollout.advantages, batch.completion_cu_seqlens)
+    loss.backward()
+    return {n for n, p in policy.named_parameters() if p.grad is not None}
