@@ -36,6 +36,9 @@ _PEFT_PREFIX = "base_model.model."
 _BASE_LAYER = ".base_layer"
 # Parameter names that belong to an adapter, not to the base model.
 _ADAPTER_PARAM = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.")
+# How the vLLM engine follows the adapters (lora.sync): merged weights streamed in place
+# (merged_named_weights), or the adapter itself loaded by vLLM's LoRA support (VLLMEngine.load_adapter).
+SYNC_METHODS = ("merge", "adapter")
 # Module types peft's LoRA can wrap (the class names of torch / transformers layers).
 WRAPPABLE_TYPES = ("Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d", "Conv1D", "MultiheadAttention")
 

@@ -215,6 +215,7 @@ def train(cfg: Config, resume: bool = False, timer: PhaseTimer | None = None) ->
         max_model_len=max_model_len,
         gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
         enable_sleep_mode=cfg.rollout.enable_sleep_mode, cpu_kvcache_gb=cfg.rollout.cpu_kvcache_gb,
+        lora_rank=cfg.lora.rank if adapters and cfg.lora.sync == "adapter" else 0,  # vLLM serves the adapter itself
         mode=cfg.rollout.mode, server_host=cfg.rollout.server_host, server_port=cfg.rollout.server_port,
         server_group_port=cfg.rollout.server_group_port, server_timeout_s=cfg.rollout.server_timeout_s,
     )

@@ -217,7 +217,7 @@ def test_kernels_import_nothing_outside_the_kernels():
 
 def _registries() -> dict[str, tuple[str, ...]]:
     """{config key: the names its registry holds}, read from the modules that implement the choice."""
-    from fastgrpo import advantages, attention, rollout
+    from fastgrpo import advantages, attention, lora, rollout
     from fastgrpo.data import prompts
     from fastgrpo.kernels import grpo_aggregation, grpo_loss
     from fastgrpo.rewards import shaping
@@ -231,6 +231,7 @@ def _registries() -> dict[str, tuple[str, ...]]:
         "model.attention": attention.BACKENDS,
         "data.template": prompts.PROMPT_TEMPLATES,
         "reward_params.compat": shaping.COSINE_COMPAT,
+        "lora.sync": lora.SYNC_METHODS,
     }
 
 

@@ -135,6 +135,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.levels must be a non-empty list of 1..4, got {list(cfg.data.levels)}", key="data.levels")
     _validate_data_sources(cfg)
     _validate_lora(cfg.lora)
+    _validate_lora_sync(cfg)
 
 
 def _validate_lora(lo: LoraConfig) -> None:
@@ -154,6 +155,21 @@ def _validate_lora(lo: LoraConfig) -> None:
     if not lo.target_modules or any(not m.strip() for m in lo.target_modules):
         raise ConfigError(f"lora.target_modules must be a non-empty list of module names (e.g. {list(LORA_ALL_PROJECTIONS)}), "
                           f"got {list(lo.target_modules)}", key="lora.target_modules")
+
+
+def _validate_lora_sync(cfg: Config) -> None:
+    """lora.sync=adapter only where vLLM itself serves the adapter (its names are CHOICES["lora.sync"])."""
+    if cfg.lora.sync != "adapter" or cfg.lora.rank == 0:
+        return
+    if cfg.rollout.engine != "vllm" or cfg.rollout.mode != "colocate":
+        raise ConfigError(f"lora.sync=adapter loads the adapter into the vLLM engine the trainer starts (rollout.engine=vllm, "
+                          f"rollout.mode=colocate), got rollout.engine={cfg.rollout.engine}, rollout.mode={cfg.rollout.mode}; "
+                          "allowed here: lora.sync=merge", key="lora.sync")
+    if cfg.lora.quantize != "none":
+        # vLLM would add the adapter to the full-precision base, the trainer to the quantized one.
+        raise ConfigError(f"lora.sync=adapter with lora.quantize={cfg.lora.quantize}: vLLM applies the adapter to the "
+                          "unquantized base, not to the weights the trainer computes with; allowed: lora.sync=merge "
+                          "(streams the dequantized merged weights)", key="lora.sync")
 
 
 def _validate_data_sources(cfg: Config) -> None:

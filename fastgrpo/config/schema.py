@@ -78,6 +78,10 @@ class LoraConfig:
     # The frozen base's storage: none (model.dtype), 8bit (LLM.int8) or 4bit (NF4, double quantization,
     # bf16 compute) via bitsandbytes. The rollout engine still gets full-precision merged weights.
     quantize: str = "none"
+    # How the vLLM engine follows the adapters after each step: merge (stream W + (alpha/r) B A under the
+    # base names, in place) or adapter (vLLM's own LoRA: enable_lora, the adapter saved as a PEFT folder
+    # and loaded under a new id). MEASURED_PLACEHOLDER
+    sync: str = "merge"
 
 
 @dataclass(frozen=True)
@@ -261,4 +265,5 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.on_bad_rows": ("raise", "skip"),
     "reward_params.compat": ("fastgrpo", "open-rs"),
     "lora.quantize": ("none", "8bit", "4bit"),
+    "lora.sync": ("merge", "adapter"),
 }

@@ -31,7 +31,7 @@ ENGINE_KINDS = ("vllm", "transformers")
 # pass the union (the trainer does); a name neither engine knows is an error.
 VLLM_OPTIONS = frozenset(
     ("dtype", "max_model_len", "seed", "gpu_memory_utilization", "enable_sleep_mode",
-     "cpu_kvcache_gb", "enforce_eager", "max_num_seqs")
+     "cpu_kvcache_gb", "enforce_eager", "max_num_seqs", "lora_rank")
 )
 TRANSFORMERS_OPTIONS = frozenset(("batch_size",))
 # mode="server": a RemoteEngine on a `python -m fastgrpo.rollout.server` process (server.py).

