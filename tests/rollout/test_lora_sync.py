@@ -125,7 +125,7 @@ def test_lora_engine_args_take_the_smallest_max_lora_rank_vllm_allows(tiny_model
     assert "enable_lora" not in vllm_module.vllm_engine_args(tiny_model_dir, device="cpu")  # merge: no LoRA layers
 
 
-@pytest.mark.parametrize("rank", [0, 513, 2.0, True])
+@pytest.mark.parametrize("rank", [0, 513, 2.0, True, "8"])
 def test_lora_engine_args_refuse_a_rank_vllm_cannot_serve(tiny_model_dir, rank):
     with pytest.raises(ValueError, match="lora_rank must be an int in 1..512"):
         vllm_module.vllm_max_lora_rank(rank)
