@@ -309,7 +309,11 @@ class VLLMEngine:
             raise RuntimeError("the vLLM engine is asleep: call wake_up() before loading an adapter")
         started = time.perf_counter()
         request = self._adapter.prepare(source)
-        self.llm.llm_engine.add_lora(request)  # a bad folder raises here, and the old adapter stays
+        try:
+            self.llm.llm_engine.add_lora(request)  # a bad folder raises here, and the old adapter stays
+        except BaseException:
+            self._adapter.forget(request)
+            raise
         old = self._adapter.replace(request)
         if old is not None and old.lora_int_id in self.llm.llm_engine.list_loras():
             self.llm.llm_engine.remove_lora(old.lora_int_id)

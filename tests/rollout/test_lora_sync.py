@@ -107,6 +107,12 @@ def test_vllm_serves_the_adapter_itself_and_a_lora_checkpoint_folder(tiny_model_
         assert folder.is_dir() and len(engine.llm.llm_engine.list_loras()) == 1  # a user's folder is never deleted
         with pytest.raises(FileNotFoundError, match="not a PEFT adapter folder"):
             engine.load_adapter(tiny_model_dir)
+        # an adapter vLLM refuses (rank 16 > the engine's max_lora_rank 8): the one in use stays, and
+        # the refused adapter's scratch folder goes
+        with pytest.raises(ValueError, match="rank"):
+            engine.sync_weights(load_policy(tiny_model_dir, lora=LoraConfig(rank=16)))
+        assert list(scratch.iterdir()) == [] and engine._adapter.request.lora_path == str(folder)
+        assert errors_against(saved, engine.generate(PROMPTS, **ARGS))[0].max() < LOGPROB_ATOL
     finally:
         engine.close()
     assert not scratch.exists()
@@ -144,6 +150,6 @@ def test_bad_lora_sync_settings_name_the_key(override, match):
     assert raised.value.key == "lora.sync"
 
 
-def test_lora_sync_default_and_adapter_load(tmp_path):
+def test_lora_sync_defaults_to_merge_and_takes_adapter():
     assert load_config(None, ["lora.rank=8"]).lora.sync == "merge"
     assert load_config(None, ["lora.rank=8", "lora.sync=adapter"]).lora.sync == "adapter"
