@@ -110,6 +110,13 @@ def validate(cfg: Config) -> None:
             f"(rollout.max_completion_length={r.max_completion_length} plus the prompt)",
             key="train.max_tokens_per_microbatch"
         )
+    if isinstance(r.max_staleness, bool) or not isinstance(r.max_staleness, int) or r.max_staleness < 0:
+        raise ConfigError(f"rollout.max_staleness must be an int >= 0 (0 = synchronous), got {r.max_staleness!r}",
+                          key="rollout.max_staleness")
+    if r.max_staleness > 0 and r.enable_sleep_mode:
+        raise ConfigError(f"rollout.max_staleness={r.max_staleness} samples while the trainer trains, but "
+                          "rollout.enable_sleep_mode frees the engine during training: set one of them off",
+                          key="rollout.max_staleness")
     if r.dynamic_sampling_rounds < 0:
         raise ConfigError(f"rollout.dynamic_sampling_rounds must be >= 0 (0 = off), got {r.dynamic_sampling_rounds}",
                           key="rollout.dynamic_sampling_rounds")
