@@ -146,3 +146,20 @@ def test_token_sampler_mask_and_its_cap_through_grpo_update(tiny_model_dir):
                                           "loss.sampler_mask_cap=3.0")
     assert kept_all["sampler_masked_frac"] == 0.0 and changed
     assert kept_all["sampler_weight_mean"] == pytest.approx(float((-shift).exp().mean()), rel=1e-4)
+
+
+def test_a_run_with_the_sequence_mask_logs_its_metrics(tiny_model_dir, tmp_path):
+    """train() passes loss.sampler_mask through: metrics.jsonl holds the mask's metrics (and not
+    TIS's). The transformers engine samples with the trainer's own fp32 weights, so nothing is masked."""
+    import json
+
+    from helpers.trainer_setup import tiny_config
+
+    from fastgrpo.trainer import train
+
+    train(tiny_config(tiny_model_dir, tmp_path, "transformers", "loss.sampler_mask=sequence", "loss.sampler_mask_cap=1.5",
+                      "train.max_steps=1", "eval.before_and_after=false"))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "sampler_masked_frac" in r]
+    assert [r["step"] for r in steps] == [1] and not any("tis_weight_mean" in r for r in records)
+    assert steps[0]["sampler_masked_frac"] == 0.0 and steps[0]["sampler_weight_mean"] == pytest.approx(1.0, abs=1e-3)
