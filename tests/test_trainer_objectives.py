@@ -97,14 +97,20 @@ def _moved_reference(model_dir):
     return reference
 
 
-@pytest.mark.parametrize("level", ["token", "sequence"])
-def test_masked_means_do_not_depend_on_how_the_batch_is_split(tiny_model_dir, level):
-    """kl_mean and the TIS metrics are means over the kept tokens however many micro-batches hold them."""
+@pytest.mark.parametrize("level,correction", [("token", "tis"), ("sequence", "tis"), ("token", "sampler_mask")])
+def test_masked_means_do_not_depend_on_how_the_batch_is_split(tiny_model_dir, level, correction):
+    """kl_mean and the TIS / sampler-mask metrics are means over the kept tokens however many
+    micro-batches hold them."""
     args = (tiny_model_dir, [False, True, False, True], f"loss.importance_sampling_level={level}", "loss.beta=0.1")
+    names = ("tis_weight_mean", "tis_clipped_frac")
+    if correction == "sampler_mask":
+        args += ("loss.tis_cap=0", "loss.sampler_mask=sequence")
+        names = ("sampler_weight_mean", "sampler_masked_frac")
     whole, _, _, _ = _update(*args, reference=_moved_reference(tiny_model_dir))
     split, _, _, _ = _update(*args, *ONE_SEQUENCE_EACH, reference=_moved_reference(tiny_model_dir))
     assert whole["kl_mean"] > 1e-4  # the moved reference gives the KL something to measure
-    for name in ("kl_mean", "tis_weight_mean", "tis_clipped_frac", "ratio_mean", "ratio_min", "ratio_max", "clip_frac"):
+    assert 0 < whole[names[1]] < 1  # the correction caps or masks some kept tokens, not all
+    for name in ("kl_mean", *names, "ratio_mean", "ratio_min", "ratio_max", "clip_frac"):
         assert split[name] == pytest.approx(whole[name], rel=1e-5, abs=1e-7), name
 
 
