@@ -221,7 +221,8 @@ class LossInputs:
     def correction(self, logp: Tensor, rows: slice = slice(None)) -> tuple[Tensor, Tensor] | None:
         """(weight, capped-or-masked flag) of the tokens `rows`, or None without a correction. The
         sequence mask needs whole sequences: it is computed over all N tokens and sliced, so with
-        old_logp None, logp must then cover all N tokens (fused_forward_torch passes a first pass's)."""
+        old_logp None, logp must then cover all N tokens (fused_forward_torch passes a first pass's).
+        The chunked path recomputes it per chunk: [N] elementwise work beside a chunk's [chunk, V] logits."""
         if self.sampler_logp is None:
             return None
         dtype = self.advantages.dtype

@@ -24,8 +24,9 @@ reference, it is not an estimate of the rollout policy's objective):
   aggregation), as TRL does: masking changes which tokens move the policy, not the loss scale.
 
 With num_iterations = 1 the trainer's old log-probs are the weights before the step, the proximal
-policy of the decoupled PPO objective (AReaL), and the sampler is its behaviour policy: the clip
-stays around the proximal policy and the sampler only enters through c_t.
+policy of the decoupled PPO objective (AReaL, arXiv 2505.24298), and the sampler is its behaviour
+policy: the clip stays around the proximal policy and the sampler only enters through c_t, so either
+correction turns stale rollouts into that objective.
 """
 
 from __future__ import annotations
