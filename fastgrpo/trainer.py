@@ -14,8 +14,9 @@ Algorithm choices, each a config key (fastgrpo/config/schema.py holds every defa
 - objective: the clipped ratio with ``loss.epsilon_low/high``, per token or per sequence (GSPO,
   ``loss.importance_sampling_level``), k3 KL to a frozen reference when ``loss.beta > 0`` (no
   reference model is loaded otherwise), aggregated by ``loss.loss_type``; optional truncated
-  importance weights against the engine's sampler (``loss.tis_cap``) and masking of truncated
-  completions (``loss.mask_truncated``);
+  importance weights against the engine's sampler (``loss.tis_cap``) or masking of the tokens or
+  sequences the sampler and the trainer disagree on (``loss.sampler_mask``), and masking of
+  truncated completions (``loss.mask_truncated``);
 - ``train.num_iterations`` optimizer passes over one rollout; log-probs before the first pass are
   the "old" ones (with one pass, the ratio is 1 and only its gradient matters);
 - sequences are packed without padding into micro-batches of at most
@@ -392,8 +393,8 @@ def grpo_update(policy, reference, optimizer, rollout: Rollout, cfg: Config, dev
         mismatch_sum, entropy_sum, loss_total = 0.0, 0.0, 0.0
         for k, (idx, batch) in enumerate(zip(plans, batches)):
             # The sampler's log-probs of these completion tokens: the truncated-IS weights (tis_cap > 0)
-            # and, on the first pass, the logprob_mismatch metric. Truncated completions get no loss
-            # when loss.mask_truncated (DAPO's overlong filtering).
+            # or the sampler mask's (loss.sampler_mask) and, on the first pass, the logprob_mismatch
+            # metric. Truncated completions get no loss when loss.mask_truncated (DAPO's overlong filtering).
             sampler_lp = torch.tensor([x for i in idx for x in rollout.sampler_logprobs[i]], dtype=torch.float32,
                                       device=device)
             keep = torch.tensor([not rollout.truncated[i] for i in idx], device=device) if lo.mask_truncated else None
@@ -409,6 +410,7 @@ def grpo_update(policy, reference, optimizer, rollout: Rollout, cfg: Config, dev
                     num_sequences=n_seqs, num_tokens=n_tokens, num_microbatches=n_microbatches, return_entropy=True,
                     importance_sampling_level=lo.importance_sampling_level, sampler_logp=sampler_lp,
                     tis_cap=lo.tis_cap, sequence_mask=keep, advantage_level="sequence",
+                    sampler_mask=lo.sampler_mask, sampler_mask_cap=lo.sampler_mask_cap,
                 )
             with timer.phase("backward"):
                 loss.backward()

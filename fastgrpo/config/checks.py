@@ -138,6 +138,12 @@ def validate(cfg: Config) -> None:
     if lo.tis_cap < 0 or 0 < lo.tis_cap < 1:
         raise ConfigError(f"loss.tis_cap must be 0 (off) or >= 1 (a cap on the importance weight), got {lo.tis_cap}",
                           key="loss.tis_cap")
+    if not (math.isfinite(lo.sampler_mask_cap) and lo.sampler_mask_cap > 1):
+        raise ConfigError(f"loss.sampler_mask_cap must be a finite number > 1 (tokens are kept inside [1/cap, cap]), "
+                          f"got {lo.sampler_mask_cap}", key="loss.sampler_mask_cap")
+    if lo.tis_cap > 0 and lo.sampler_mask != "none":
+        raise ConfigError(f"loss.tis_cap={lo.tis_cap} and loss.sampler_mask={lo.sampler_mask} are two corrections of "
+                          f"the same mismatch: set one (loss.tis_cap=0 or loss.sampler_mask=none)", key="loss.sampler_mask")
     if not cfg.data.levels or any(lv not in (1, 2, 3, 4) for lv in cfg.data.levels):
         raise ConfigError(f"data.levels must be a non-empty list of 1..4, got {list(cfg.data.levels)}", key="data.levels")
     _validate_data_sources(cfg)

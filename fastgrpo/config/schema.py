@@ -127,10 +127,17 @@ class LossConfig:
     # token: PPO/GRPO per-token ratio; sequence: GSPO's length-normalized sequence ratio
     # exp(mean_t(logp - old_logp)), clipped once per sequence.
     importance_sampling_level: str = "token"
-    # Truncated importance sampling against the rollout engine's sampler: each token's loss is
-    # weighted by min(p_trainer_old / p_sampler, tis_cap), correcting the engine/trainer mismatch
-    # (bf16 vLLM vs fp32 trainer). 0 = off.
+    # Two exclusive corrections of the engine/trainer mismatch (bf16 vLLM vs the trainer, or a stale
+    # engine), each a detached weight on a token's policy-gradient term (the KL term is never
+    # weighted), with r_t = p_trainer_old / p_sampler of the sampled token (kernels/sampler_correction.py):
+    # Truncated importance sampling (Yao et al. 2025): weight min(r_t, tis_cap). 0 = off.
     tis_cap: float = 0.0
+    # Masking: none | token (IcePop, Ring-1T report: weight r_t when 1/C <= r_t <= C, else 0) |
+    # sequence (weight R_i = the product of the sequence's r_t when 1/C <= R_i <= C, else 0, for every
+    # token of the sequence; TRL's sequence_mask mode masks only above C, this masks both sides).
+    # C = sampler_mask_cap > 1. Masked tokens still count in the loss normalizers (as TRL does).
+    sampler_mask: str = "none"
+    sampler_mask_cap: float = 2.0
     mask_truncated: bool = False  # completions cut at the length limit get no loss (DAPO overlong filtering)
 
 
@@ -260,6 +267,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.loss_type": ("grpo", "bnpo", "dr_grpo", "dapo"),
     "loss.scale_rewards": ("group", "batch", "none"),
     "loss.importance_sampling_level": ("token", "sequence"),
+    "loss.sampler_mask": ("none", "token", "sequence"),
     "train.lr_schedule": ("constant", "cosine", "linear"),
     "train.optimizer": ("adamw", "adamw8bit"),
     "data.template": ("boxed", "r1", "qwen"),
