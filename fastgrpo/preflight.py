@@ -22,7 +22,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from fastgrpo.config import Config, ConfigError
 
@@ -54,6 +54,7 @@ def check_run(cfg: Config) -> RunShape:
     if folder is not None:  # the default model (SmolLM2, Llama) does not post-process its logits
         check_logits_are_the_heads(folder, f"model.path={cfg.model.path!r}")
     _check_lora(cfg, folder)
+    _check_staleness(cfg)
     problems = _check_data(cfg)
     if folder is None:
         return RunShape(None, max_len, problems["train"], problems["held_out"])
@@ -142,17 +143,31 @@ def _check_lora(cfg: Config, folder: Path | None) -> None:
     first conversion, whose layers are the Llama projections of the defaults)."""
     if cfg.lora.rank == 0:
         return
-    from fastgrpo.distributed import launched_world_size
     from fastgrpo.lora import check_quantize_supported, check_targets
 
-    if launched_world_size() > 1:
-        raise ConfigError(f"lora.rank={cfg.lora.rank}: LoRA runs in one training process for now (this launch has "
-                          f"{launched_world_size()}: FSDP2 sharding of adapters is not supported); run without torchrun, "
-                          "or set lora.rank=0", key="lora.rank")
+    _refuse_several_processes("lora.rank", cfg.lora.rank, "LoRA", "FSDP2 sharding of adapters is not supported", "0")
 
     check_quantize_supported(cfg.lora.quantize)
     if folder is not None:
         check_targets(cfg.lora, folder)
+
+
+def _check_staleness(cfg: Config) -> None:
+    """Rollouts sampled ahead come from one producer in one training process: under torchrun every
+    rank would run its own and ask the server for batches of different policy versions."""
+    if cfg.rollout.max_staleness > 0:
+        _refuse_several_processes("rollout.max_staleness", cfg.rollout.max_staleness, "the rollout producer",
+                                  "one rollout producer per run", "0")
+
+
+def _refuse_several_processes(key: str, value: Any, feature: str, why: str, off: str) -> None:
+    """A ConfigError for ``key`` when this launch has several training processes (torchrun)."""
+    from fastgrpo.distributed import launched_world_size
+
+    n = launched_world_size()
+    if n > 1:
+        raise ConfigError(f"{key}={value}: {feature} runs in one training process for now (this launch has {n}: "
+                          f"{why}); run without torchrun, or set {key}={off}", key=key)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 
 Algorithm choices, each a config key (fastgrpo/config/schema.py holds every default):
 - rollout: ``rollout.num_generations`` (G) samples for each of ``rollout.prompts_per_step`` prompts,
-  from an in-process vLLM engine (``rollout.engine``) that keeps the sampler's log-probs; with
+  from an in-process vLLM engine (``rollout.engine``) that keeps the sampler's log-probs, sampled
+  in step or up to ``rollout.max_staleness`` steps ahead by a producer thread (fastgrpo/producer.py); with
   ``rollout.dynamic_sampling_rounds`` groups whose rewards all agree are replaced by fresh prompts
   (DAPO), and ``rollout.length_stages`` raises the length limit at given steps (DeepScaleR);
 - reward: a weighted sum of registered rewards (``reward_weights: {accuracy: 1.0, format: 0.5}``), graded in
@@ -13,8 +14,9 @@ Algorithm choices, each a config key (fastgrpo/config/schema.py holds every defa
 - objective: the clipped ratio with ``loss.epsilon_low/high``, per token or per sequence (GSPO,
   ``loss.importance_sampling_level``), k3 KL to a frozen reference when ``loss.beta > 0`` (no
   reference model is loaded otherwise), aggregated by ``loss.loss_type``; optional truncated
-  importance weights against the engine's sampler (``loss.tis_cap``) and masking of truncated
-  completions (``loss.mask_truncated``);
+  importance weights against the engine's sampler (``loss.tis_cap``) or masking of the tokens or
+  sequences the sampler and the trainer disagree on (``loss.sampler_mask``), and masking of
+  truncated completions (``loss.mask_truncated``);
 - ``train.num_iterations`` optimizer passes over one rollout; log-probs before the first pass are
   the "old" ones (with one pass, the ratio is 1 and only its gradient matters);
 - sequences are packed without padding into micro-batches of at most
@@ -57,6 +59,7 @@ from fastgrpo.model import (apply_liger_patches, lm_head_weight, load_policy, lo
 from fastgrpo.optim import build_optimizer, build_scheduler
 from fastgrpo.phases import PhaseTimer
 from fastgrpo.preflight import check_run
+from fastgrpo.producer import RolloutFailed, RolloutProducer, staleness_metrics
 from fastgrpo.rewards import RewardBatch, combine_reward_metrics, compute_rewards
 from fastgrpo.rollout import make_engine
 from fastgrpo.shared_prefix import pack_microbatch, plan_step_microbatches
@@ -136,14 +139,15 @@ def collect_groups(engine, sampler, encode, cfg: Config, step: int, max_tokens: 
     return batch
 
 
-def save_on_failure(out: Path, step: int, policy, tokenizer, optimizer, scheduler, sampler_state: dict, cfg: Config) -> str:
-    """Checkpoint the last finished step after a failure, unless it is saved already; says what it did."""
+def save_on_failure(out: Path, step: int, policy, tokenizer, optimizer, scheduler, resume_state: dict, cfg: Config) -> str:
+    """Checkpoint the last finished step after a failure, unless it is saved already; says what it did.
+    resume_state: the producer's checkpoint_state(step) (data sampler, rollouts sampled ahead)."""
     latest = ckpt.latest_checkpoint(out)
     if step < 1 or (latest is not None and latest.name == f"checkpoint-{step}"):
         return f"the newest checkpoint is {latest}" if latest else "no step had finished, nothing to save"
     try:
         path = distributed.save_checkpoint(out, step, policy, tokenizer, optimizer, scheduler,
-                                           {"sampler": sampler_state, "config": to_dict(cfg)}, keep_last=cfg.log.keep_last)
+                                           {**resume_state, "config": to_dict(cfg)}, keep_last=cfg.log.keep_last)
     except Exception as exc:  # the original failure matters more than this one
         log.error("could not save a checkpoint after the failure: %s", exc)
         return f"saving a checkpoint failed too ({exc}); the newest is {latest}"
@@ -191,10 +195,11 @@ def train(cfg: Config, resume: bool = False, timer: PhaseTimer | None = None) ->
     optimizer = build_optimizer(policy.parameters(), cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
     sampler = make_sampler(cfg, train_problems)
-    first_step = 1
+    first_step, pending_rollouts = 1, []
     if start is not None:
         state = distributed.load_training_state(start, policy, optimizer, scheduler)  # from any world size
         sampler.load_state_dict(state["sampler"])
+        pending_rollouts = state.get("pending_rollouts", [])  # sampled ahead with rollout.max_staleness > 0
         first_step = state["step"] + 1
         log.info("resumed from %s at step %d", start, state["step"])
         if distributed.is_main() and roll_back_metrics(out, state["step"]):  # steps after the checkpoint run again: each is logged once
@@ -209,8 +214,12 @@ def train(cfg: Config, resume: bool = False, timer: PhaseTimer | None = None) ->
     max_model_len = cfg.rollout.max_model_len or longest_prompt + 64 + max(longest_completion(cfg), cfg.eval.max_completion_length or 0)
     if shape.model_max_length:
         max_model_len = min(max_model_len, shape.model_max_length)
+    # With rollouts sampled while the trainer trains, the transformers engine needs its own copy of
+    # the model (make_engine loads one from model_path when model is None); sync_weights fills it.
+    overlapped = cfg.rollout.max_staleness > 0
     engine = make_engine(
-        cfg.rollout.engine, model_path=str(model_dir if adapters else (latest or model_dir)), model=policy, tokenizer=tokenizer,
+        cfg.rollout.engine, model_path=str(model_dir if adapters else (latest or model_dir)),
+        model=None if overlapped and cfg.rollout.mode == "colocate" else policy, tokenizer=tokenizer,
         dtype=cfg.rollout.dtype, seed=cfg.train.seed,
         max_model_len=max_model_len,
         gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
@@ -219,32 +228,44 @@ def train(cfg: Config, resume: bool = False, timer: PhaseTimer | None = None) ->
         mode=cfg.rollout.mode, server_host=cfg.rollout.server_host, server_port=cfg.rollout.server_port,
         server_group_port=cfg.rollout.server_group_port, server_timeout_s=cfg.rollout.server_timeout_s,
     )
-    if start is not None and adapters:
+    if (start is not None and adapters) or (overlapped and cfg.rollout.engine == "transformers"):
         engine.sync_weights(policy)  # the engine started from the base model: it gets the saved adapter
     if start is not None:
         # vLLM seeds the global generators when it starts: the checkpoint's RNG state goes back after it.
         ckpt.set_rng_state(torch.load(start / "rng.pt", weights_only=True))
     logger = MetricsLogger(out, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb, config=to_dict(cfg)) if distributed.is_main() else distributed.NullLogger()
     summary: dict[str, Any] = {}
+    producer = None
     try:
         if cfg.eval.before_and_after and start is None:
             summary["eval_before"] = run_eval(engine, tokenizer, eval_problems, cfg, step=0, logger=logger, tag="before", suite=suite)
 
+        # 1.-2. rollouts and rewards come from the producer: sampled here, step by step (k = 0), or by
+        # a thread that samples up to rollout.max_staleness steps ahead (fastgrpo/producer.py).
+        def collect(step: int, phase_timer: PhaseTimer) -> StepBatch:
+            return collect_groups(engine, sampler, prompt_ids_of, cfg, step, completion_limit(cfg, step), phase_timer)
+
+        producer = RolloutProducer(engine, collect, sampler, max_staleness=cfg.rollout.max_staleness,
+                                   first_step=first_step, last_step=cfg.train.max_steps, timer=timer,
+                                   # host-side times: a device sync in the producer thread would wait
+                                   # for the trainer's kernels on a shared GPU
+                                   pending=pending_rollouts, producer_timer=PhaseTimer("cpu"))
         bar = tqdm(range(first_step, cfg.train.max_steps + 1), desc="GRPO", unit="step", dynamic_ncols=True,
                    disable=not distributed.is_main())
         nonfinite_in_a_row = 0
         for step in bar:
             t_step = time.perf_counter()
-            sampler_before = sampler.state_dict()
             max_tokens = completion_limit(cfg, step)
             try:
                 # 1.-2. rollout (G completions per prompt, with the sampler's log-probs) and rewards
-                batch = collect_groups(engine, sampler, prompt_ids_of, cfg, step, max_tokens, timer)
-            except Exception as exc:
+                produced, rollout_wait_s = producer.next_batch(step)
+            except Exception as exc:  # RolloutFailed from the producer thread among them
                 # Nothing of this step has touched the weights: the last finished step is saved.
-                saved = save_on_failure(out, step - 1, policy, tokenizer, optimizer, scheduler, sampler_before, cfg)
+                saved = save_on_failure(out, step - 1, policy, tokenizer, optimizer, scheduler,
+                                        producer.checkpoint_state(step - 1), cfg)
                 raise TrainingStopped(f"rollout or grading failed at step {step} ({type(exc).__name__}: {exc}); "
                                       f"{saved}. Continue with: fastgrpo train --resume {out}") from exc
+            batch = produced.batch
             samples = batch.samples
             # 3. group-relative advantage, one value per completion
             reward_t = torch.tensor(batch.rewards, dtype=torch.float32)
@@ -252,18 +273,17 @@ def train(cfg: Config, resume: bool = False, timer: PhaseTimer | None = None) ->
             rollout = batch.to_rollout(advantages)
 
             # 4.-6. pack, log-probs, loss, optimizer step(s)
-            engine.sleep()
-            stats = grpo_update(policy, reference, optimizer, rollout, cfg, device, timer, max_tokens)
-            scheduler.step()
-            engine.wake_up()
+            with producer.training():
+                stats = grpo_update(policy, reference, optimizer, rollout, cfg, device, timer, max_tokens)
+                scheduler.step()
 
-            # 7. the rollout engine gets the new weights in place
+            # 7. the rollout engine gets the new weights in place (with k > 0 once step + k is sampled)
             try:
                 with timer.phase("sync"):
-                    engine.sync_weights(policy)
+                    sync_wait_s = producer.sync(policy, step)
             except Exception as exc:
                 # The update is done and the sampler has moved on: this step is complete but unlogged.
-                saved = save_on_failure(out, step, policy, tokenizer, optimizer, scheduler, sampler.state_dict(), cfg)
+                saved = save_on_failure(out, step, policy, tokenizer, optimizer, scheduler, producer.checkpoint_state(step), cfg)
                 raise TrainingStopped(f"the weight sync to the rollout engine failed at step {step} "
                                       f"({type(exc).__name__}: {exc}); {saved}. Continue with: fastgrpo train --resume {out}") from exc
 
@@ -271,6 +291,12 @@ def train(cfg: Config, resume: bool = False, timer: PhaseTimer | None = None) ->
             n_tokens = sum(len(c) for c in rollout.completions)
             step_s = time.perf_counter() - t_step
             phase_s = timer.pop()
+            overlap = {}
+            if producer.threaded:  # the producer's own phases, and who waited for whom
+                phase_s.update(produced.phase_s)
+                phase_s["sync_s"] -= sync_wait_s
+                overlap = {"rollout_wait_s": rollout_wait_s, "sync_wait_s": sync_wait_s,
+                           "producer_wait_s": produced.producer_wait_s}
             train_s = sum(phase_s.get(f"{p}_s", 0.0) for p in ("reference", "old_logprobs", "forward", "backward", "optimizer"))
             per_reward = batch.per_reward
             record = {
@@ -285,13 +311,16 @@ def train(cfg: Config, resume: bool = False, timer: PhaseTimer | None = None) ->
                 "truncated_frac": sum(rollout.truncated) / len(samples),
                 "max_completion_length": max_tokens,
                 **batch.stats,
+                **staleness_metrics(produced, step),
+                **overlap,
                 **stats,  # lr among them: the rate this step's update used
                 **phase_s, "train_s": train_s, "step_s": step_s,
                 "completion_tokens": n_tokens,
                 "tokens_per_s": n_tokens / step_s,
             }
             if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and step != cfg.train.max_steps:
-                record.update(run_eval(engine, tokenizer, eval_problems, cfg, step=step, logger=None, tag="during", suite=suite))
+                with producer.engine_lock():
+                    record.update(run_eval(engine, tokenizer, eval_problems, cfg, step=step, logger=None, tag="during", suite=suite))
             logger.log(record)
             bar.set_postfix(reward=f"{record['reward_mean']:.3f}", acc=f"{record['accuracy']:.2f}",
                             step_s=f"{step_s:.1f}", sync_s=f"{phase_s['sync_s']:.2f}")
@@ -300,18 +329,21 @@ def train(cfg: Config, resume: bool = False, timer: PhaseTimer | None = None) ->
             nonfinite_in_a_row = nonfinite_in_a_row + 1 if stats["skipped_steps"] else 0
             if nonfinite_in_a_row >= cfg.train.max_consecutive_nonfinite:
                 distributed.save_checkpoint(out, step, policy, tokenizer, optimizer, scheduler,
-                                            {"sampler": sampler.state_dict(), "config": to_dict(cfg)}, keep_last=cfg.log.keep_last)
+                                            {**producer.checkpoint_state(step), "config": to_dict(cfg)}, keep_last=cfg.log.keep_last)
                 raise TrainingStopped(
                     f"{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (train.max_consecutive_nonfinite="
                     f"{cfg.train.max_consecutive_nonfinite}); weights are those of the last finite update, saved in "
                     f"{out}/checkpoint-{step}. Lower train.learning_rate or check the data, then --resume {out}")
             if step % cfg.log.checkpoint_every == 0 or step == cfg.train.max_steps:
                 distributed.save_checkpoint(out, step, policy, tokenizer, optimizer, scheduler,
-                                            {"sampler": sampler.state_dict(), "config": to_dict(cfg)}, keep_last=cfg.log.keep_last)
+                                            {**producer.checkpoint_state(step), "config": to_dict(cfg)}, keep_last=cfg.log.keep_last)
 
+        producer.close()
         if cfg.eval.before_and_after:
             summary["eval_after"] = run_eval(engine, tokenizer, eval_problems, cfg, step=cfg.train.max_steps, logger=logger, tag="after", suite=suite)
     finally:
+        if producer is not None:
+            producer.close()  # the thread finishes the generation it is in, then stops
         logger.close()
         try:
             engine.close()
@@ -362,8 +394,8 @@ def grpo_update(policy, reference, optimizer, rollout: Rollout, cfg: Config, dev
         mismatch_sum, entropy_sum, loss_total = 0.0, 0.0, 0.0
         for k, (idx, batch) in enumerate(zip(plans, batches)):
             # The sampler's log-probs of these completion tokens: the truncated-IS weights (tis_cap > 0)
-            # and, on the first pass, the logprob_mismatch metric. Truncated completions get no loss
-            # when loss.mask_truncated (DAPO's overlong filtering).
+            # or the sampler mask's (loss.sampler_mask) and, on the first pass, the logprob_mismatch
+            # metric. Truncated completions get no loss when loss.mask_truncated (DAPO's overlong filtering).
             sampler_lp = torch.tensor([x for i in idx for x in rollout.sampler_logprobs[i]], dtype=torch.float32,
                                       device=device)
             keep = torch.tensor([not rollout.truncated[i] for i in idx], device=device) if lo.mask_truncated else None
@@ -379,6 +411,7 @@ def grpo_update(policy, reference, optimizer, rollout: Rollout, cfg: Config, dev
                     num_sequences=n_seqs, num_tokens=n_tokens, num_microbatches=n_microbatches, return_entropy=True,
                     importance_sampling_level=lo.importance_sampling_level, sampler_logp=sampler_lp,
                     tis_cap=lo.tis_cap, sequence_mask=keep, advantage_level="sequence",
+                    sampler_mask=lo.sampler_mask, sampler_mask_cap=lo.sampler_mask_cap,
                 )
             with timer.phase("backward"):
                 loss.backward()

@@ -27,7 +27,9 @@ The sequence level (GSPO) breaks "dloss/dlogp_t is known as soon as logp_t is": 
 every logp of sequence i. The Triton path has all logp before its backward anyway. The torch path
 then runs a logp-only chunked pass first (4 matmul-sized products instead of 3), except with
 old_logp None and no TIS, where s_i = 1 whatever logp is and the policy-gradient part of the
-gradient is known up front (one pass, the k3 part added per chunk).
+gradient is known up front (one pass, the k3 part added per chunk). The sequence-level sampler mask
+(sampler_mask="sequence") breaks it at either level when old_logp is None: each token's weight
+needs its whole sequence's old log-probs, which are then this pass's, so the same first pass runs.
 
 Memory: O(chunk x V) on the torch path (one fp32 [chunk, V] buffer, two with entropy; chunk =
 max(512, 2**25 // V) tokens by default), plus the gradients held from the forward to the backward:
@@ -128,13 +130,19 @@ def _torch_chunk(rows: slice, hidden, weight, targets, inputs: gl.LossInputs, po
             grad_weight += dlogits.T @ hidden_chunk
 
 
-def _sequence_policy_grad(hidden, weight, targets, inputs: gl.LossInputs, params: FusedGRPOParams):
-    """[N] the policy-gradient part of dloss/dlogp at the sequence level (no k3 term)."""
-    if inputs.old_logp is None and inputs.sampler_logp is None:
+def _logp_only(hidden, weight, targets, inputs: gl.LossInputs, params: FusedGRPOParams) -> Tensor:
+    """[N] fp32 log-probs from a chunked pass without gradients (the same chunks, so the same values)."""
+    logp_only = replace(params, return_entropy=False, hidden_needs_grad=False, weight_needs_grad=False)
+    return fused_forward_torch(hidden, weight, targets, inputs, logp_only)[0]
+
+
+def _sequence_policy_grad(hidden, weight, targets, inputs: gl.LossInputs, params: FusedGRPOParams, logp=None):
+    """[N] the policy-gradient part of dloss/dlogp at the sequence level (no k3 term); logp: this
+    pass's log-probs when already computed."""
+    if logp is None and inputs.old_logp is None and inputs.sampler_logp is None:
         logp = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)  # s_i = exp(0) = 1 for any logp
-    else:
-        logp_only = replace(params, return_entropy=False, hidden_needs_grad=False, weight_needs_grad=False)
-        logp = fused_forward_torch(hidden, weight, targets, inputs, logp_only)[0]
+    elif logp is None:
+        logp = _logp_only(hidden, weight, targets, inputs, params)
     without_kl = replace(inputs, ref_logp=None, params=replace(inputs.params, beta=0.0))
     return gl.loss_grad(logp, without_kl)
 
@@ -158,9 +166,14 @@ def fused_forward_torch(hidden, weight, targets, inputs: gl.LossInputs, params: 
     grad_weight = (torch.zeros(V, H, device=weight.device, dtype=acc_dtype)
                    if params.weight_needs_grad else None)
     needs_grad = params.hidden_needs_grad or params.weight_needs_grad
-    policy_grad = None
+    policy_grad, first_logp = None, None
+    if needs_grad and inputs.old_logp is None and inputs.params.sampler_mask == "sequence":
+        # The sequence mask weighs each token by its whole sequence's ratio, and with one pass the old
+        # log-probs are this pass's: a logp-only pass first gives them to every chunk.
+        first_logp = _logp_only(hidden, weight, targets, inputs, params)
+        inputs = replace(inputs, old_logp=first_logp)
     if needs_grad and inputs.params.importance_sampling_level == "sequence":
-        policy_grad = _sequence_policy_grad(hidden, weight, targets, inputs, params)
+        policy_grad = _sequence_policy_grad(hidden, weight, targets, inputs, params, first_logp)
     chunk = _chunk_tokens(N, V, params)
     logits_buf = hidden.new_empty(chunk, V, dtype=torch.float32)
     exp_buf = torch.empty_like(logits_buf) if params.return_entropy else None
@@ -192,7 +205,7 @@ def fused_forward_triton(hidden, weight, targets, inputs: gl.LossInputs, params:
 class FusedGRPOFunction(torch.autograd.Function):
     """(hidden [N, H], weight [V, H], targets [N], inputs: grpo_loss.LossInputs, params) ->
     (loss [] fp32, logp [N], entropy [N] (empty when not asked for), metric summary [8],
-    TIS sums [2] (empty when TIS is off)).
+    sampler correction sums [2] (empty when neither TIS nor sampler_mask is on)).
 
     The forward computes the input gradients of the loss and keeps them (not hidden or weight);
     backward scales them by the upstream gradient in place and returns them, so the graph can be
@@ -203,7 +216,7 @@ class FusedGRPOFunction(torch.autograd.Function):
         forward = fused_forward_triton if params.impl == "triton" else fused_forward_torch
         logp, entropy, grad_hidden, grad_weight = forward(hidden, weight, targets, inputs, params)
         loss, summary = gl.loss_value(logp, inputs)
-        tis_sums = inputs.tis_sums(logp)
+        tis_sums = inputs.correction_sums(logp)
         # Held as attributes, not saved tensors: backward scales them in place and hands them over,
         # so the weight gradient never exists twice (a copy would add 934 MB at Qwen2-1.5B's head).
         ctx.grads = (grad_hidden, grad_weight)
@@ -236,21 +249,21 @@ def fused_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logp: T
                     num_microbatches: int = 1, token_weights: Tensor | None = None,
                     importance_sampling_level: str = "token", sampler_logp: Tensor | None = None,
                     tis_cap: float = 0.0, sequence_mask: Tensor | None = None,
-                    advantage_level: str = "sequence", return_entropy: bool = False, impl: str = "auto",
-                    chunk_tokens: int | None = None):
+                    advantage_level: str = "sequence", sampler_mask: str = "none", sampler_mask_cap: float = 2.0,
+                    return_entropy: bool = False, impl: str = "auto", chunk_tokens: int | None = None):
     """GRPO loss of the completion tokens from hidden states and the LM head, in one pass.
 
         loss == grpo_token_loss(token_logprobs(hidden, weight, targets, temperature), old_logp,
                                 ref_logp, advantages, cu_seqlens, loss_type, ...)[0]
 
     (see grpo_token_loss for the loss formula, the aggregation modes, the sequence-level ratio
-    (GSPO), truncated importance sampling, sequence_mask and the metrics). The forward
+    (GSPO), truncated importance sampling, sampler_mask, sequence_mask and the metrics). The forward
     also computes the gradients w.r.t. hidden and weight (for those that require grad while grad
     mode is on), so the logits are computed once and the [N, V] logits never exist: peak extra
     memory O(chunk x V) on the torch path, plus grad_hidden [N, H] and grad_weight [V, H] held
     until backward. Call backward() on the loss (or on anything linear in it) to receive them.
-    (At the sequence level with old_logp or TIS, the torch path computes the logits twice: see the
-    module docstring.)
+    (At the sequence level with old_logp or TIS, and with sampler_mask="sequence" and old_logp None,
+    the torch path computes the logits twice: see the module docstring.)
 
     Args:
         hidden [N, H], weight [V, H]: float16/bfloat16/float32, one dtype; targets [N] integer ids.
@@ -266,7 +279,8 @@ def fused_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logp: T
             FUSED_CHUNK_ELEMENTS // V), see their comment for the measurements).
     Returns:
         (loss [] float32, logp [N] float32 detached, entropy [N] float32 detached or None,
-         metrics dict of grpo_loss.METRIC_NAMES (+ TIS_METRIC_NAMES when tis_cap > 0) -> float).
+         metrics dict of grpo_loss.METRIC_NAMES (+ TIS_METRIC_NAMES when tis_cap > 0, or
+         SAMPLER_METRIC_NAMES with sampler_mask) -> float).
     """
     lp._check_inputs(hidden, weight, targets, temperature)
     resolved = lp.resolve_impl(impl, hidden)
@@ -274,7 +288,8 @@ def fused_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logp: T
                    max_completion_length=max_completion_length, num_sequences=num_sequences,
                    num_tokens=num_tokens, num_microbatches=num_microbatches, token_weights=token_weights,
                    importance_sampling_level=importance_sampling_level, sampler_logp=sampler_logp,
-                   tis_cap=tis_cap, sequence_mask=sequence_mask, advantage_level=advantage_level)
+                   tis_cap=tis_cap, sequence_mask=sequence_mask, advantage_level=advantage_level,
+                   sampler_mask=sampler_mask, sampler_mask_cap=sampler_mask_cap)
     if resolved == "reference":
         out = lp.token_logprobs(hidden, weight, targets, temperature, return_entropy, impl="reference")
         logp, entropy = out if return_entropy else (out, None)
@@ -295,7 +310,7 @@ def fused_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logp: T
     if n == 0:  # a zero still connected to both inputs, so that backward() works on every rank
         loss = (hidden.sum() + weight.sum() * 0).float() * 0.0
         empty = hidden.new_empty(0, dtype=torch.float32)
-        return loss, empty, (empty if return_entropy else None), gl.zero_metrics(inputs.sampler_logp is not None)
+        return loss, empty, (empty if return_entropy else None), gl.zero_metrics(inputs.metric_names)
     loss, logp, entropy, summary, tis_sums = FusedGRPOFunction.apply(hidden, weight, targets.long(), inputs, params)
-    metrics = gl.finish_metrics(summary, tis_sums if tis_sums.numel() else None)
+    metrics = gl.finish_metrics(summary, tis_sums if tis_sums.numel() else None, inputs.metric_names)
     return loss, logp, (entropy if return_entropy else None), metrics

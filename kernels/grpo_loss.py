@@ -15,12 +15,10 @@ batch into one weight per token (``scale``), so that ``loss = sum_t scale_t * l_
 Options on top of the token-level objective, each one registry or flag, shared with fused_grpo_loss
 through ``prepare_loss_inputs``:
 - ``importance_sampling_level``: "token" (PPO/GRPO) or "sequence" (GSPO, grpo_sequence.py);
-- truncated importance sampling (Yao et al. 2025): the policy-gradient term of token t is weighted by
-  the detached w_t = min(exp(old_t - sampler_t), tis_cap), correcting for the rollout engine sampling
-  from a slightly different distribution than the trainer computes (bf16 vLLM vs the trainer). w_t
-  >= 0, so it is folded into the advantage and the kernels are unchanged. The k3 KL term is NOT
-  weighted (as verl's tis_imp_ratio_cap, which weights pg_losses only): it is a regularizer of the
-  trained policy towards the reference, not an estimate of the rollout policy's objective;
+- the trainer/sampler mismatch corrections (sampler_correction.py), exclusive: truncated importance
+  sampling (Yao et al. 2025, ``tis_cap``) or masking (``sampler_mask`` "token", IcePop, or
+  "sequence"). Each is a detached weight >= 0 on the policy-gradient term of a token, folded into
+  its advantage, so the kernels are unchanged; the k3 KL term is not weighted;
 - ``sequence_mask`` (DAPO's overlong filtering): a masked sequence is treated as if it were not in
   the batch: its tokens get weight 0 and it counts neither in the default num_sequences nor in the
   default num_tokens (a caller that passes global counts must count only the kept sequences).
@@ -48,10 +46,13 @@ from .grpo_loss_triton import (
     triton_configs,
 )
 from .grpo_sequence import SequenceLossFunction, compute_dtype, sequence_loss_torch
+from .sampler_correction import (SAMPLER_MASKS, SAMPLER_METRIC_NAMES, TIS_METRIC_NAMES, check_correction_options,
+                                 correction_metric_names, correction_weights, tis_weights)
 
 __all__ = [
     "ADVANTAGE_LEVELS", "GRPOLossFunction", "GRPOLossParams", "IMPORTANCE_SAMPLING_LEVELS", "LOSS_AGGREGATIONS", "LossInputs",
-    "METRIC_NAMES", "NUM_STATS", "PackedBatch", "RATIO_UNIT_METRIC_NAMES", "TIS_METRIC_NAMES", "finish_metrics", "grpo_loss_backward",
+    "METRIC_NAMES", "NUM_STATS", "PackedBatch", "RATIO_UNIT_METRIC_NAMES", "SAMPLER_MASKS", "SAMPLER_METRIC_NAMES",
+    "TIS_METRIC_NAMES", "finish_metrics", "grpo_loss_backward",
     "grpo_loss_backward_torch", "grpo_loss_forward", "grpo_loss_forward_torch", "grpo_token_loss",
     "kl_grad_torch", "loss_grad", "loss_value", "prepare_loss_inputs", "sequence_ids", "tis_weights",
     "token_scales", "triton_configs", "zero_metrics",
@@ -64,9 +65,9 @@ IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 ADVANTAGE_LEVELS = ("sequence", "token")
 METRIC_NAMES = ("clip_low_frac", "clip_high_frac", "clip_frac", "kl_mean",
                 "ratio_mean", "ratio_max", "ratio_min")
-TIS_METRIC_NAMES = ("tis_weight_mean", "tis_clipped_frac")  # present when tis_cap > 0
+# TIS_METRIC_NAMES / SAMPLER_METRIC_NAMES (sampler_correction.py): with tis_cap > 0 / sampler_mask.
 # The metrics over the ratio's units (weighted tokens, or sequences with weight at the sequence
-# level); the others (kl_mean, TIS_METRIC_NAMES) are over weighted tokens at every level.
+# level); the others (kl_mean, TIS_METRIC_NAMES, SAMPLER_METRIC_NAMES) are over weighted tokens.
 RATIO_UNIT_METRIC_NAMES = ("clip_low_frac", "clip_high_frac", "clip_frac", "ratio_mean", "ratio_max", "ratio_min")
 
 
@@ -155,18 +156,17 @@ class GRPOLossFunction(torch.autograd.Function):
 # level and sequences with weight at sequence level, so clip fractions are per sequence for GSPO.
 
 
-def _metrics_dict(token_weight, kl, units, clip_low, clip_high, ratio, ratio_max, ratio_min,
-                  tis_sum=None, tis_capped=None) -> dict[str, float]:
-    """Sums (python floats) -> METRIC_NAMES (+ TIS_METRIC_NAMES); all zeros when no token has weight."""
-    tis = {} if tis_sum is None else {"tis_weight_mean": 0.0, "tis_clipped_frac": 0.0}
+def _metrics_dict(token_weight, kl, units, clip_low, clip_high, ratio, ratio_max, ratio_min, *correction,
+                  names: tuple[str, ...] = ()) -> dict[str, float]:
+    """Sums (python floats) -> METRIC_NAMES (+ the correction's `names`, one weighted sum each: a
+    token mean); all zeros when no token has weight."""
     if token_weight <= 0:
-        return {**dict.fromkeys(METRIC_NAMES, 0.0), **tis}
-    if tis:
-        tis = {"tis_weight_mean": tis_sum / token_weight, "tis_clipped_frac": tis_capped / token_weight}
+        return zero_metrics(names)
+    extra = {name: value / token_weight for name, value in zip(names, correction, strict=True)}
     return {
         "clip_low_frac": clip_low / units, "clip_high_frac": clip_high / units,
         "clip_frac": (clip_low + clip_high) / units, "kl_mean": kl / token_weight,
-        "ratio_mean": ratio / units, "ratio_max": ratio_max, "ratio_min": ratio_min, **tis,
+        "ratio_mean": ratio / units, "ratio_max": ratio_max, "ratio_min": ratio_min, **extra,
     }
 
 
@@ -177,23 +177,14 @@ def _summary_from_stats(stats: Tensor) -> Tensor:
                         stats[:, STAT_RATIO_MAX].max(), stats[:, STAT_RATIO_MIN].min()])
 
 
-def finish_metrics(summary: Tensor, tis_sums: Tensor | None) -> dict[str, float]:
-    """summary [8] and TIS sums [2] (or None) -> the metrics dict, with one host sync."""
-    parts = [summary.double()] + ([] if tis_sums is None else [tis_sums.double()])
-    return _metrics_dict(*torch.cat(parts).tolist())
+def finish_metrics(summary: Tensor, correction_sums: Tensor | None, names: tuple[str, ...] = ()) -> dict[str, float]:
+    """summary [8] and the correction's sums [2] (or None) named `names` -> the metrics dict, one host sync."""
+    parts = [summary.double()] + ([] if correction_sums is None else [correction_sums.double()])
+    return _metrics_dict(*torch.cat(parts).tolist(), names=names)
 
 
-def zero_metrics(tis: bool) -> dict[str, float]:
-    return dict.fromkeys(METRIC_NAMES + (TIS_METRIC_NAMES if tis else ()), 0.0)
-
-
-# -------- Truncated importance sampling ------------------------------------------------------------
-
-
-def tis_weights(trainer_logp: Tensor, sampler_logp: Tensor, cap: float) -> Tensor:
-    """[N] min(exp(trainer_logp - sampler_logp), cap): the truncated importance weight of each
-    sampled token (trainer_logp: the trainer's log-prob of the rollout policy, i.e. old_logp)."""
-    return torch.exp(trainer_logp - sampler_logp).clamp(max=cap)
+def zero_metrics(names: tuple[str, ...] = ()) -> dict[str, float]:
+    return dict.fromkeys(METRIC_NAMES + tuple(names), 0.0)
 
 
 # -------- Inputs shared by grpo_token_loss and fused_grpo_loss -------------------------------------
@@ -203,8 +194,9 @@ def tis_weights(trainer_logp: Tensor, sampler_logp: Tensor, cap: float) -> Tenso
 class LossInputs:
     """Everything derived from the loss arguments before logp is known (all [N] detached, except
     cu_seqlens [S+1]). old_logp None: the ratio's old side is logp itself. sampler_logp is set only
-    when TIS is on. weights: token weights with the sequence mask folded in (None: all ones).
-    advantages: per token, before the TIS weight (which needs old_logp, so possibly logp)."""
+    when a sampler correction (TIS or sampler_mask) is on. weights: token weights with the sequence
+    mask folded in (None: all ones). advantages: per token, before the correction's weight (which
+    needs old_logp, so possibly logp)."""
 
     old_logp: Tensor | None
     ref_logp: Tensor | None
@@ -221,23 +213,40 @@ class LossInputs:
         """The old log-probs of the tokens `rows`, whose current log-probs are logp."""
         return logp.detach() if self.old_logp is None else self.old_logp[rows]
 
-    def effective_advantages(self, logp: Tensor, rows: slice = slice(None)) -> Tensor:
-        """Advantages of the tokens `rows` times their TIS weight (when TIS is on)."""
-        adv = self.advantages[rows]
-        if self.sampler_logp is None:
-            return adv
-        old = self.old(logp, rows).to(adv.dtype)
-        return adv * tis_weights(old, self.sampler_logp[rows].to(adv.dtype), self.params.tis_cap)
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """The sampler correction's metric names (none when it is off)."""
+        return correction_metric_names(self.params.tis_cap, self.params.sampler_mask)
 
-    def tis_sums(self, logp: Tensor) -> Tensor | None:
-        """[2] weighted sums of the TIS weight and of the capped flags, or None when TIS is off."""
+    def correction(self, logp: Tensor, rows: slice = slice(None)) -> tuple[Tensor, Tensor] | None:
+        """(weight, capped-or-masked flag) of the tokens `rows`, or None without a correction. The
+        sequence mask needs whole sequences: it is computed over all N tokens and sliced, so with
+        old_logp None, logp must then cover all N tokens (fused_forward_torch passes a first pass's).
+        The chunked path recomputes it per chunk: [N] elementwise work beside a chunk's [chunk, V] logits."""
         if self.sampler_logp is None:
             return None
         dtype = self.advantages.dtype
-        raw = torch.exp(self.old(logp).to(dtype) - self.sampler_logp.to(dtype))
-        w = torch.ones_like(raw) if self.weights is None else self.weights.to(dtype)
-        cap = self.params.tis_cap
-        return torch.stack([(w * raw.clamp(max=cap)).sum(), (w * (raw > cap)).sum()])
+        take = slice(None) if self.params.sampler_mask == "sequence" else rows
+        old = self.old(logp, take)
+        if old.shape != self.sampler_logp[take].shape:
+            raise RuntimeError("sampler_mask='sequence' needs the old log-probs of every token, got a chunk of logp")
+        weight, flag = correction_weights(old.to(dtype), self.sampler_logp[take].to(dtype), self.params,
+                                          self.cu_seqlens, self.seq_ids, self.weights)
+        return (weight, flag) if take == rows else (weight[rows], flag[rows])
+
+    def effective_advantages(self, logp: Tensor, rows: slice = slice(None)) -> Tensor:
+        """Advantages of the tokens `rows` times their correction weight (when one is on)."""
+        correction = self.correction(logp, rows)
+        return self.advantages[rows] if correction is None else self.advantages[rows] * correction[0]
+
+    def correction_sums(self, logp: Tensor) -> Tensor | None:
+        """[2] weighted sums of the correction weight and of the capped/masked flags, or None."""
+        correction = self.correction(logp)
+        if correction is None:
+            return None
+        weight, flag = correction
+        w = torch.ones_like(weight) if self.weights is None else self.weights.to(weight.dtype)
+        return torch.stack([(w * weight).sum(), (w * flag).sum()])
 
 
 def loss_value(logp: Tensor, inputs: LossInputs) -> tuple[Tensor, Tensor]:
@@ -277,9 +286,17 @@ def _reference_loss(logp, inputs: LossInputs, loss_type, epsilon_low, epsilon_hi
     num_local_sequences = inputs.cu_seqlens.numel() - 1
     logp, old_logp, advantages = logp.to(dtype), inputs.old(logp).to(dtype), inputs.advantages.to(dtype)
     weights = torch.ones_like(logp) if inputs.weights is None else inputs.weights.to(dtype)
-    if inputs.sampler_logp is not None:
-        advantages = advantages * torch.exp(old_logp - inputs.sampler_logp.to(dtype)).clamp(max=inputs.params.tis_cap)
     zeros = torch.zeros(num_local_sequences, dtype=dtype, device=logp.device)
+    p = inputs.params
+    if inputs.sampler_logp is not None:  # the corrections as their formulas (sampler_correction.py)
+        log_r = old_logp - inputs.sampler_logp.to(dtype)
+        if p.tis_cap > 0:
+            advantages = advantages * torch.exp(log_r).clamp(max=p.tis_cap)
+        else:
+            if p.sampler_mask == "sequence":
+                log_r = zeros.index_add(0, seq_ids, torch.where(weights > 0, log_r, 0.0))[seq_ids]
+            inside = log_r.abs() <= math.log(p.sampler_mask_cap)
+            advantages = advantages * torch.where(inside, torch.exp(torch.where(inside, log_r, 0.0)), 0.0)
     seq_weight = zeros.index_add(0, seq_ids, weights)
     sequence_level = inputs.params.importance_sampling_level == "sequence"
     if sequence_level:
@@ -321,9 +338,9 @@ def _reference_loss(logp, inputs: LossInputs, loss_type, epsilon_low, epsilon_hi
         values = [total_weight, (weights * kl).sum(), unit.sum(), (unit * low).sum(), (unit * high).sum(),
                   (unit * ratio_u).sum(), torch.where(counted, ratio_u, -math.inf).max(),
                   torch.where(counted, ratio_u, math.inf).min()]
-        tis = inputs.tis_sums(logp)
-        values = torch.stack(values).tolist() + ([] if tis is None else tis.tolist())
-    return loss, _metrics_dict(*values)
+        correction = inputs.correction_sums(logp)
+        values = torch.stack(values).tolist() + ([] if correction is None else correction.tolist())
+    return loss, _metrics_dict(*values, names=inputs.metric_names)
 # -------- Validation and the functional API -------------------------------------------------------
 
 
@@ -411,7 +428,8 @@ def _check_sequence_mask(sequence_mask, num_local_sequences: int, device) -> Non
 def prepare_loss_inputs(logp: Tensor, old_logp, ref_logp, advantages, cu_seqlens, *, loss_type: str,
                         epsilon_low, epsilon_high, beta, max_completion_length, num_sequences, num_tokens,
                         num_microbatches, token_weights, importance_sampling_level: str, sampler_logp,
-                        tis_cap, sequence_mask, use_triton: bool, advantage_level: str = "sequence") -> LossInputs:
+                        tis_cap, sequence_mask, use_triton: bool, advantage_level: str = "sequence",
+                        sampler_mask: str = "none", sampler_mask_cap: float = 2.0) -> LossInputs:
     """Checks grpo_token_loss's arguments (ValueError/TypeError naming the value and what is allowed)
     and derives LossInputs. logp: the log-probs [N], or a stand-in of their shape, dtype and device
     (fused_grpo_loss, which computes them later). One host sync (two with sequence_mask)."""
@@ -430,6 +448,7 @@ def prepare_loss_inputs(logp: Tensor, old_logp, ref_logp, advantages, cu_seqlens
     if tis_cap > 0 and sampler_logp is None:
         raise ValueError(f"tis_cap={tis_cap} > 0 needs sampler_logp (the rollout engine's log-probs of the "
                          f"sampled tokens); pass them or tis_cap=0.0")
+    check_correction_options(tis_cap, sampler_mask, sampler_mask_cap, sampler_logp)
     if loss_type == "dr_grpo":
         if max_completion_length is None:
             raise ValueError("loss_type='dr_grpo' needs max_completion_length (an int >= 1), got None")
@@ -475,11 +494,11 @@ def prepare_loss_inputs(logp: Tensor, old_logp, ref_logp, advantages, cu_seqlens
                         scale_weights.sum() if num_tokens is None else num_tokens,
                         num_microbatches, max_completion_length)
     params = GRPOLossParams(1.0 - epsilon_low, 1.0 + epsilon_high, float(beta), use_triton,
-                            importance_sampling_level, float(tis_cap))
+                            importance_sampling_level, float(tis_cap), sampler_mask, float(sampler_mask_cap))
     return LossInputs(
         old_logp=None if old_logp is None else old_logp.detach(),
         ref_logp=None if ref_logp is None else ref_logp.detach(),
-        advantages=advantages, sampler_logp=sampler_logp.detach() if tis_cap > 0 else None,
+        advantages=advantages, sampler_logp=sampler_logp.detach() if tis_cap > 0 or sampler_mask != "none" else None,
         weights=weights, scale=token_scales(loss_type, batch), cu_seqlens=cu_seqlens, seq_ids=seq_ids,
         num_sequences=num_sequences, params=params)
 
@@ -506,6 +525,8 @@ def grpo_token_loss(
     tis_cap: float = 0.0,
     sequence_mask: Tensor | None = None,
     advantage_level: str = "sequence",
+    sampler_mask: str = "none",
+    sampler_mask_cap: float = 2.0,
 ) -> tuple[Tensor, dict[str, float]]:
     """GRPO loss over the completion tokens of packed sequences -> (loss [], metrics).
 
@@ -518,6 +539,8 @@ def grpo_token_loss(
     broadcast to its tokens (grpo_sequence.py; with loss_type "grpo" this is the paper's objective).
     tis_cap > 0 (truncated importance sampling) multiplies A by the detached
     min(exp(old_logp - sampler_logp), tis_cap) (old_logp None: logp); the k3 term is not weighted.
+    sampler_mask "token" / "sequence" (exclusive with tis_cap) multiplies A by r (r_t, or the
+    sequence's R_i) where 1/sampler_mask_cap <= r <= sampler_mask_cap, else by 0 (sampler_correction.py).
     Aggregation (S = num_sequences, default: the local sequences kept by sequence_mask;
     W_s = sum of w over sequence s):
         grpo    sum_s (sum_{t in s} w_t l_t / W_s) / S          (a sequence with W_s = 0 adds 0)
@@ -534,13 +557,14 @@ def grpo_token_loss(
     cu_seqlens [S+1] int32/int64, 0 = cu_seqlens[0] <= ... <= cu_seqlens[S] = N;
     sequence_mask [S] bool (True: trained on).
     old_logp None means logp.detach() (r = 1). ref_logp None requires beta == 0 (kl_mean is then 0).
-    sampler_logp is read only when tis_cap > 0, and then required.
+    sampler_logp is read only when tis_cap > 0 or sampler_mask != "none", and then required.
     Gradients flow to logp only. Tokens with weight 0 must still hold finite values (they are
     multiplied by 0). The loss is float32 (float64 for float64 logp); nothing [N x anything] is built.
     metrics: METRIC_NAMES as python floats over the weighted tokens (ratio_max/min over tokens with
     w > 0); at the sequence level the clip fractions and ratio statistics are over sequences with
     weight (one each), kl_mean stays a token mean. With tis_cap > 0 also TIS_METRIC_NAMES: the
-    weighted mean TIS weight and the weighted fraction of tokens whose weight hit the cap. All 0.0
+    weighted mean TIS weight and the weighted fraction of tokens whose weight hit the cap; with
+    sampler_mask, SAMPLER_METRIC_NAMES: the mean weight and the fraction masked, likewise. All 0.0
     when no token has weight. Two host syncs (three with sequence_mask): validation and the metrics.
     impl: "auto" (Triton on CUDA, torch elsewhere), "triton", "torch", "reference" (autograd). The
     sequence level is torch ops (segment sums) for every impl but "reference".
@@ -554,11 +578,11 @@ def grpo_token_loss(
         num_sequences=num_sequences, num_tokens=num_tokens, num_microbatches=num_microbatches,
         token_weights=token_weights, importance_sampling_level=importance_sampling_level,
         sampler_logp=sampler_logp, tis_cap=tis_cap, sequence_mask=sequence_mask, use_triton=impl == "triton",
-        advantage_level=advantage_level)
+        advantage_level=advantage_level, sampler_mask=sampler_mask, sampler_mask_cap=sampler_mask_cap)
 
     if logp.numel() == 0:  # a zero that is still connected to logp, so that backward() works on every rank
         loss = logp.sum().to(compute_dtype(logp.dtype)) * 0.0
-        return loss, zero_metrics(inputs.sampler_logp is not None)
+        return loss, zero_metrics(inputs.metric_names)
     if impl == "reference":
         return _reference_loss(logp, inputs, loss_type, epsilon_low, epsilon_high, beta, max_completion_length,
                                num_tokens, num_microbatches)
@@ -571,4 +595,4 @@ def grpo_token_loss(
     else:
         loss, stats = GRPOLossFunction.apply(logp, old, inputs.ref_logp, adv, inputs.scale, inputs.weights, p)
         summary = _summary_from_stats(stats)
-    return loss, finish_metrics(summary, inputs.tis_sums(logp))
+    return loss, finish_metrics(summary, inputs.correction_sums(logp), inputs.metric_names)

@@ -225,6 +225,7 @@ def _registries() -> dict[str, tuple[str, ...]]:
     return {
         "loss.loss_type": tuple(grpo_aggregation.LOSS_AGGREGATIONS),
         "loss.importance_sampling_level": grpo_loss.IMPORTANCE_SAMPLING_LEVELS,
+        "loss.sampler_mask": grpo_loss.SAMPLER_MASKS,
         "loss.scale_rewards": tuple(advantages.ADVANTAGE_SCALINGS),
         "rollout.engine": rollout.ENGINE_KINDS,
         "rollout.mode": rollout.ROLLOUT_MODES,

@@ -1,5 +1,6 @@
 """Config: defaults, YAML + key=value overrides, and errors that name the key."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,25 @@ def test_new_section_names_load_without_a_warning(recwarn):
         assert cfg.rewards == {"format": 1.0}  # the attribute's old name too
     with pytest.warns(FutureWarning, match="renamed reward_params"):
         assert cfg.reward.cosine_max_len == 7
+
+
+@pytest.mark.parametrize("overrides,key,message", [
+    (["loss.sampler_mask=tokens"], "loss.sampler_mask", "loss.sampler_mask: 'tokens' is not one of none, token, sequence"),
+    (["loss.sampler_mask=token", "loss.sampler_mask_cap=1.0"], "loss.sampler_mask_cap",
+     "loss.sampler_mask_cap must be a finite number > 1 (tokens are kept inside [1/cap, cap]), got 1.0"),
+    (["loss.sampler_mask_cap=0.5"], "loss.sampler_mask_cap", "loss.sampler_mask_cap must be a finite number > 1"),
+    (["loss.sampler_mask=sequence", "loss.sampler_mask_cap=.inf"], "loss.sampler_mask_cap",
+     "loss.sampler_mask_cap must be a finite number > 1"),
+    (["loss.sampler_mask=sequence", "loss.tis_cap=2.0"], "loss.sampler_mask",
+     "loss.tis_cap=2.0 and loss.sampler_mask=sequence are two corrections of the same mismatch"),
+])
+def test_sampler_mask_options_are_checked(overrides, key, message):
+    with pytest.raises(ConfigError, match=re.escape(message)) as info:
+        load_config(None, overrides)
+    assert info.value.key == key
+
+
+def test_sampler_mask_options_load():
+    cfg = load_config(None, ["loss.sampler_mask=sequence", "loss.sampler_mask_cap=3"])
+    assert (cfg.loss.sampler_mask, cfg.loss.sampler_mask_cap, cfg.loss.tis_cap) == ("sequence", 3.0, 0.0)
+    assert (Config().loss.sampler_mask, Config().loss.sampler_mask_cap) == ("none", 2.0)

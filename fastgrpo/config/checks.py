@@ -110,6 +110,13 @@ def validate(cfg: Config) -> None:
             f"(rollout.max_completion_length={r.max_completion_length} plus the prompt)",
             key="train.max_tokens_per_microbatch"
         )
+    if isinstance(r.max_staleness, bool) or not isinstance(r.max_staleness, int) or r.max_staleness < 0:
+        raise ConfigError(f"rollout.max_staleness must be an int >= 0 (0 = synchronous), got {r.max_staleness!r}",
+                          key="rollout.max_staleness")
+    if r.max_staleness > 0 and r.enable_sleep_mode:
+        raise ConfigError(f"rollout.max_staleness={r.max_staleness} samples while the trainer trains, but "
+                          "rollout.enable_sleep_mode frees the engine during training: set one of them off",
+                          key="rollout.max_staleness")
     if r.dynamic_sampling_rounds < 0:
         raise ConfigError(f"rollout.dynamic_sampling_rounds must be >= 0 (0 = off), got {r.dynamic_sampling_rounds}",
                           key="rollout.dynamic_sampling_rounds")
@@ -131,6 +138,12 @@ def validate(cfg: Config) -> None:
     if lo.tis_cap < 0 or 0 < lo.tis_cap < 1:
         raise ConfigError(f"loss.tis_cap must be 0 (off) or >= 1 (a cap on the importance weight), got {lo.tis_cap}",
                           key="loss.tis_cap")
+    if not (math.isfinite(lo.sampler_mask_cap) and lo.sampler_mask_cap > 1):
+        raise ConfigError(f"loss.sampler_mask_cap must be a finite number > 1 (tokens are kept inside [1/cap, cap]), "
+                          f"got {lo.sampler_mask_cap}", key="loss.sampler_mask_cap")
+    if lo.tis_cap > 0 and lo.sampler_mask != "none":
+        raise ConfigError(f"loss.tis_cap={lo.tis_cap} and loss.sampler_mask={lo.sampler_mask} are two corrections of "
+                          f"the same mismatch: set one (loss.tis_cap=0 or loss.sampler_mask=none)", key="loss.sampler_mask")
     if not cfg.data.levels or any(lv not in (1, 2, 3, 4) for lv in cfg.data.levels):
         raise ConfigError(f"data.levels must be a non-empty list of 1..4, got {list(cfg.data.levels)}", key="data.levels")
     _validate_data_sources(cfg)

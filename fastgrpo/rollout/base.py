@@ -31,6 +31,9 @@ class Completion:
     logprobs: list[float]  # the sampler's log-prob of each generated token
     text: str  # decoded, special tokens skipped
     finish_reason: str  # "stop" or "length"
+    # The policy version (optimizer steps behind the weights) that sampled it; set by the trainer's
+    # rollout producer (fastgrpo/producer.py), the engines leave 0.
+    policy_version: int = 0
 
 
 @runtime_checkable

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from fastgrpo.rollout.base import Completion, EngineBase, check_generate_args
+from fastgrpo.rollout.base import Completion, EngineBase, check_generate_args, checkpoint_named_weights
 
 log = logging.getLogger("fastgrpo")
 
@@ -152,7 +152,19 @@ class TransformersEngine(EngineBase):
         if model is self.model:
             return 0.0
         started = time.perf_counter()
-        self.model.load_state_dict(model.state_dict())
+        # By checkpoint name: a LoRA policy (peft) arrives with its adapters merged into the base names.
+        mine = dict(self.model.named_parameters(remove_duplicate=False))
+        dtype = next(iter(mine.values())).dtype
+        with torch.no_grad():
+            seen = set()
+            for name, tensor in checkpoint_named_weights(model, dtype):
+                if name not in mine:
+                    raise KeyError(f"sync_weights: the trainer's parameter {name!r} has no counterpart in the engine's model")
+                mine[name].copy_(tensor)
+                seen.add(name)
+        missing = sorted(set(mine) - seen)
+        if missing:
+            raise KeyError(f"sync_weights: the trainer's model lacks {missing[:5]} ({len(missing)} engine parameters)")
         return time.perf_counter() - started
 
 

@@ -73,7 +73,9 @@ def test_cuda_engine_args_pass_vllm_config_validation(tiny_model_dir, sleep_mode
     assert config.scheduler_config.max_num_seqs == 48
 
 
-def test_cpu_engine_args_differ_only_where_the_cpu_needs_it(tiny_model_dir):
+def test_cpu_engine_args_differ_only_where_the_cpu_needs_it(tiny_model_dir, monkeypatch):
+    # An engine started earlier in this process leaves VLLM_CPU_KVCACHE_SPACE set, which vLLM prefers.
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     cuda = vllm_engine.vllm_engine_args(tiny_model_dir, device="cuda", **CUDA_OPTIONS)
     cpu = vllm_engine.vllm_engine_args(tiny_model_dir, device="cpu", **CUDA_OPTIONS)
     differing = {k for k in cuda.keys() | cpu.keys() if cuda.get(k) != cpu.get(k)}

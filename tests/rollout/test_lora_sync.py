@@ -1,5 +1,6 @@
 """vLLM follows a LoRA policy, both ways (lora.sync): merged weights streamed in place, or the adapter
-itself loaded by vLLM's LoRA support; and vLLM serves a fastgrpo LoRA checkpoint folder as it is."""
+itself loaded by vLLM's LoRA support; vLLM serves a fastgrpo LoRA checkpoint folder as it is; the transformers
+engine's own copy (rollout.max_staleness > 0) follows the adapter too."""
 
 from __future__ import annotations
 
@@ -153,3 +154,30 @@ def test_bad_lora_sync_settings_name_the_key(override, match):
 def test_lora_sync_defaults_to_merge_and_takes_adapter():
     assert load_config(None, ["lora.rank=8"]).lora.sync == "merge"
     assert load_config(None, ["lora.rank=8", "lora.sync=adapter"]).lora.sync == "adapter"
+
+
+def test_the_transformers_engines_own_copy_follows_the_adapter(tiny_model_dir):
+    """rollout.max_staleness > 0 gives the transformers engine its own model: a LoRA policy's sync
+    arrives there as merged base weights, and the copy then scores like the adapted policy."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fastgrpo.rollout.hf import TransformersEngine
+
+    torch.manual_seed(0)
+    policy = load_policy(tiny_model_dir, lora=LoraConfig(rank=8))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if ".lora_B." in name:
+                param.copy_(0.3 * torch.randn(param.shape, generator=generator))
+    engine = TransformersEngine(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                AutoTokenizer.from_pretrained(tiny_model_dir))
+    prompts = [[1, 2, 3, 4, 5, 6], [9, 8, 7]]
+    stale = engine.generate(prompts, n=2, max_tokens=8, temperature=0.8, seed=3)
+    engine.sync_weights(policy)
+    fresh = engine.generate(prompts, n=2, max_tokens=8, temperature=0.8, seed=3)
+    for samples, model, bound in ((fresh, policy, LOGPROB_ATOL), (stale, lora.reference_view(policy), LOGPROB_ATOL)):
+        sampler = torch.tensor([x for s in samples for x in s.logprobs])
+        assert (trainer_logprobs(model, prompts, samples, 0.8) - sampler).abs().max() < bound
+    moved = (trainer_logprobs(policy, prompts, stale, 0.8) - torch.tensor([x for s in stale for x in s.logprobs])).abs()
+    assert moved.mean() > 0.05  # before the sync the copy held the base weights, far from the adapted ones
