@@ -76,7 +76,8 @@ def _projection(rank=4, dropout=0.0):
         def forward(self, x):
             return self.proj(x)
 
-    wrapped = get_peft_model(Toy(), PeftLoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, target_modules=["proj"]))
+    config = PeftLoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, target_modules=["proj"])
+    wrapped = get_peft_model(Toy(), config)
     lora.install_fused_forward(wrapped)
     layer = wrapped.base_model.model.proj
     torch.nn.init.normal_(layer.lora_B["default"].weight)
@@ -93,7 +94,8 @@ def test_the_adapter_update_is_added_inside_the_gemm_not_by_passes_over_the_outp
     over_output = [(op, shape) for op, shape in mode.ops if op in ("mul", "add") and shape[-2:] == (5, 24)]
     assert over_output == []
     assert ("addmm", (5, 24)) in mode.ops
-    expected = x @ layer.base_layer.weight.t() + 2.0 * (x @ layer.lora_A["default"].weight.t()) @ layer.lora_B["default"].weight.t()
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    expected = x @ layer.base_layer.weight.t() + 2.0 * (x @ a.t()) @ b.t()
     torch.testing.assert_close(y, expected)
 
 
