@@ -24,13 +24,12 @@ import statistics
 import time
 from pathlib import Path
 
-import pytest
 import torch
 from peft.tuners.lora import Linear as LoraLinear
 
 from fastgrpo.config import LoraConfig, load_config
 from fastgrpo.kernels import fused_grpo_loss
-from fastgrpo.model import TINY_MODEL_CONFIG, lm_head_weight, load_policy, packed_hidden_states, save_random_model
+from fastgrpo.model import lm_head_weight, load_policy, packed_hidden_states
 from fastgrpo.optim import build_optimizer
 from fastgrpo.perf.peak_memory import allocation_windows
 from fastgrpo.shared_prefix import pack_microbatch
@@ -38,13 +37,6 @@ from fastgrpo.shared_prefix import pack_microbatch
 ROUNDS = int(os.environ.get("FASTGRPO_BENCH_ROUNDS", "3"))
 PROMPTS, G, PROMPT_LEN, COMPLETION_LEN = 4, 8, 98, 21
 
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    configured = os.environ.get("FASTGRPO_BENCH_MODEL", "").strip()
-    if configured:
-        return Path(configured)
-    return save_random_model(tmp_path_factory.mktemp("bench_lora_tiny"), **TINY_MODEL_CONFIG)
 
 
 def _policy(model_dir: Path, variant: str):

@@ -14,14 +14,11 @@ trainer holds (fp32 on CPU).
 
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from fastgrpo.model import TINY_MODEL_CONFIG, save_random_model
 from fastgrpo.rollout.hf import TransformersEngine
 from fastgrpo.rollout.vllm import VLLMEngine
 
@@ -31,15 +28,6 @@ MAX_TOKENS = 128
 QUESTIONS = [f"What is {a} + {b}? Put the answer in \\boxed{{}}." for a, b in
              [(17, 25), (38, 46), (123, 77), (9, 8), (250, 250), (61, 39), (1001, 999), (42, 58)]]
 
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    configured = os.environ.get("FASTGRPO_BENCH_MODEL", "").strip()
-    if configured:
-        return Path(configured)
-    # the tests' tiny model: a random 2-layer Llama (head_dim 32, the smallest vLLM's CPU attention
-    # takes) with the default model's tokenizer
-    return save_random_model(tmp_path_factory.mktemp("bench_tiny_llama"), **TINY_MODEL_CONFIG)
 
 
 @pytest.fixture(scope="module")

@@ -31,11 +31,9 @@ from __future__ import annotations
 
 import os
 import statistics
-from pathlib import Path
 
 import pytest
 import torch
-from bench_rollout import _tiny_model
 
 from fastgrpo.config import load_config
 from fastgrpo.data.problems import load_training_data
@@ -56,11 +54,6 @@ CASES = {
 # reference and old log-prob passes to the timed phases.
 OVERRIDES = os.environ.get("FASTGRPO_BENCH_OVERRIDES", "").split()
 
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    configured = os.environ.get("FASTGRPO_BENCH_MODEL", "").strip()
-    return Path(configured) if configured else _tiny_model(tmp_path_factory.mktemp("bench_shared_prefix_tiny"))
 
 
 def _rollout(cfg, tokenizer, case: str) -> Rollout:

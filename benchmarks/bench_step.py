@@ -13,14 +13,10 @@ peak process RSS over the rounds, the tokens and tokens/s. Wall-clock is reporte
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
-from pathlib import Path
 
-import pytest
 import torch
-from bench_rollout import _tiny_model
 
 from fastgrpo.advantages import group_advantages
 from fastgrpo.config import load_config
@@ -36,11 +32,6 @@ from fastgrpo.trainer import collect_groups, grpo_update
 
 PROMPTS, SAMPLES, MAX_TOKENS, ROUNDS = 4, 8, 32, 3
 
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    configured = os.environ.get("FASTGRPO_BENCH_MODEL", "").strip()
-    return Path(configured) if configured else _tiny_model(tmp_path_factory.mktemp("bench_step_tiny"))
 
 
 def test_one_grpo_step(benchmark, model_dir):

@@ -2,11 +2,26 @@
 roofline model's prediction for the same shapes on A40 / A100 / H100 (predicted, not measured)."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import kernel_impls as ki
+import pytest
 
 from fastgrpo.kernels import roofline
+from fastgrpo.model import TINY_MODEL_CONFIG, save_random_model
 
 TABLE_ORDER = ("fastgrpo", "fastgrpo_frozen_head", "naive", "liger", "matmul_floor")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """FASTGRPO_BENCH_MODEL (a model folder, e.g. the converted SmolLM2), else the tests' tiny random
+    Llama (2 layers, head_dim 32: the smallest vLLM's CPU attention takes) with the default tokenizer."""
+    configured = os.environ.get("FASTGRPO_BENCH_MODEL", "").strip()
+    if configured:
+        return Path(configured)
+    return save_random_model(tmp_path_factory.mktemp("bench_tiny_llama"), **TINY_MODEL_CONFIG)
 
 
 def format_table(results: list[dict]) -> list[str]:

@@ -59,7 +59,7 @@ from fastgrpo.model import (apply_liger_patches, lm_head_weight, load_policy, lo
 from fastgrpo.optim import build_optimizer, build_scheduler
 from fastgrpo.phases import PhaseTimer
 from fastgrpo.preflight import check_run
-from fastgrpo.producer import RolloutFailed, RolloutProducer, staleness_metrics
+from fastgrpo.producer import RolloutProducer, staleness_metrics
 from fastgrpo.rewards import RewardBatch, combine_reward_metrics, compute_rewards
 from fastgrpo.rollout import make_engine
 from fastgrpo.shared_prefix import pack_microbatch, plan_step_microbatches

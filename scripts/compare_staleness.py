@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode, k in cases:
         rows.append(run_case(mode, k, args.steps, args.out, args.overrides, model_dir))
         print(json.dumps(rows[-1]), flush=True)
-    print(f"\n| mode | k | steps/hour | step_s | rollout_s | train_s | sync_s | trainer waited | sync waited | producer waited |")
+    print("\n| mode | k | steps/hour | step_s | rollout_s | train_s | sync_s | trainer waited | sync waited | producer waited |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['mode']} | {r['k']} | {r['steps_per_hour']:.0f} | {r['step_s']:.1f} | {r['rollout_s']:.1f} | "

@@ -467,9 +467,15 @@ def triton_cases():
 
 
 def _triton_worker(out_path):
+    run_triton_cases(triton_cases(), out_path)
+
+
+def run_triton_cases(cases: dict, out_path) -> None:
+    """Run {name: (function name, kwargs)} on the Triton path (in a TRITON_INTERPRET=1 process) and
+    save {name: results} to out_path (test_sampler_mask.py's worker uses it too)."""
     assert lp._KERNELS_INTERPRETED, "TRITON_INTERPRET=1 must be set before the kernels are imported"
     results = {}
-    for name, (fn, kwargs) in triton_cases().items():
+    for name, (fn, kwargs) in cases.items():
         kwargs = dict(kwargs)
         if fn == "grpo_token_loss":
             results[name] = loss_and_grad(grpo_token_loss, kwargs, impl="triton")

@@ -306,16 +306,7 @@ def triton_cases():
 
 
 def _triton_worker(out_path):
-    assert lp._KERNELS_INTERPRETED, "TRITON_INTERPRET=1 must be set before the kernels are imported"
-    results = {}
-    for name, (fn, kwargs) in triton_cases().items():
-        kwargs = dict(kwargs)
-        if fn == "grpo_token_loss":
-            results[name] = tg.loss_and_grad(grpo_token_loss, kwargs, impl="triton")
-        else:
-            hidden, weight, targets = (kwargs.pop(k) for k in ("hidden", "weight", "targets"))
-            results[name] = tg.fused_run(hidden, weight, targets, kwargs, impl="triton")
-    torch.save(results, out_path)
+    tg.run_triton_cases(triton_cases(), out_path)
 
 
 @pytest.fixture(scope="module")
