@@ -69,7 +69,9 @@ LORA_ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 
 @dataclass(frozen=True)
 class LoraConfig:
-    """Low-rank adapters on a frozen base model (fastgrpo/lora.py). rank 0 trains every parameter."""
+    """Low-rank adapters on a frozen base model (fastgrpo/lora.py). rank 0 trains every parameter.
+    Adapters want ~10x the full-parameter learning rate: the default task with rank 16 and
+    train.learning_rate=1e-4 went 0.398 -> 0.609 held-out pass@1 in 20 steps (full, 1e-5: 0.664)."""
 
     rank: int = 0  # 0 = off; > 0: only the adapters train, the LM head and embeddings stay frozen
     alpha: float | None = None  # the update is scaled by alpha / rank; None = 2 x rank
