@@ -1,5 +1,5 @@
 """Prints the kernel benchmarks' table (bench_kernels.py) at the end of a run and, with no GPU, the
-roofline model's prediction for the same shapes on A40 / A100 / H100 (predicted, not measured)."""
+roofline model's prediction for the same shapes on A40 / A100 / H100 / H200 (predicted, not measured)."""
 from __future__ import annotations
 
 import os

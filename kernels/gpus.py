@@ -8,8 +8,9 @@ no compiler and no torch.
 Sources: NVIDIA product datasheets and architecture whitepapers. A40: 149.7 TFLOPS bf16, 696 GB/s
 GDDR6, 84 SMs, 6 MB L2 (GA102 whitepaper); A100 SXM: 312 TFLOPS, 1,555 GB/s (40 GB) / 2,039 GB/s
 (80 GB), 108 SMs, 40 MB L2 (A100 whitepaper); H100 SXM5: 989 TFLOPS, 3,350 GB/s, 132 SMs, 50 MB L2
-(H100 whitepaper). Memory in MiB as nvidia-smi reports it: A40 46,068 (ECC on), A100-SXM4
-40,960 / 81,920, H100 SXM 81,559, L4 23,034 (ECC on), RTX 4090 24,564, RTX A6000 49,140 (ECC off;
+(H100 whitepaper); H200 SXM: the H100's processor and rates, 4,800 GB/s HBM3e (H200 datasheet), 132 SMs
+and 60 MB of L2 as the CUDA runtime reports them on an H200. Memory in MiB as nvidia-smi reports it: A40 46,068 (ECC on), A100-SXM4
+40,960 / 81,920, H100 SXM 81,559, H200 143,771, L4 23,034 (ECC on), RTX 4090 24,564, RTX A6000 49,140 (ECC off;
 46,068 with ECC on).
 """
 
@@ -39,6 +40,7 @@ GPU_DATASHEETS: dict[str, GpuDatasheet] = {
     "a100-40gb": GpuDatasheet("NVIDIA A100 SXM 40 GB", "A100-40GB", 40960, 312.0, 1555.0),
     "a100-80gb": GpuDatasheet("NVIDIA A100 SXM 80 GB", "A100", 81920, 312.0, 2039.0, sms=108, l2_mib=40, cc=80),
     "h100-80gb": GpuDatasheet("NVIDIA H100 SXM 80 GB", "H100", 81559, 989.0, 3350.0, sms=132, l2_mib=50, cc=90),
+    "h200-141gb": GpuDatasheet("NVIDIA H200 SXM 141 GB", "H200", 143771, 989.0, 4800.0, sms=132, l2_mib=60, cc=90),
     "l4-24gb": GpuDatasheet("NVIDIA L4 24 GB", "L4", 23034, 121.0, 300.0),
     "rtx4090-24gb": GpuDatasheet("NVIDIA GeForce RTX 4090 24 GB", "RTX4090", 24564, 165.2, 1008.0),
     "a6000-48gb": GpuDatasheet("NVIDIA RTX A6000 48 GB", "A6000", 49140, 154.8, 768.0),

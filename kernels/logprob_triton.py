@@ -397,7 +397,7 @@ def logprob_forward(hidden, weight, targets, params):
 def choose_backward_kernel(N: int, H: int, V: int, dtype: torch.dtype, device: torch.device,
                            requested: str | None = None) -> str:
     """"two-kernel" or "atomic": `requested` if given, else the one roofline.choose_backward predicts
-    faster on this GPU (A40, A100, H100); "two-kernel" (deterministic) on any other device.
+    faster on this GPU (A40, A100, H100, H200); "two-kernel" (deterministic) on any other device.
 
     What the model predicted (bf16, backward only, ms; kernels/roofline.py): the atomic kernel does
     6NHV FLOPs against 8NHV, so it wins where both are compute-bound and hidden + its fp32 grad_hidden

@@ -1,5 +1,5 @@
 """Roofline model of per-token log-probs (forward + backward): the Triton kernels against the naive
-torch expression, on A40, A100 and H100, from published peaks. Predicted, not measured.
+torch expression, on A40, A100, H100 and H200, from published peaks. Predicted, not measured.
 
     from fastgrpo.kernels.roofline import GPUS, SHAPES, predict_logprob
     predict_logprob(SHAPES["qwen2-1.5b"], GPUS["H100"])   # {"fused", "two-kernel", "atomic", "naive"}
@@ -46,7 +46,7 @@ class GPU:
                    sheet.sms)
 
 
-# The GPUs whose datasheet has the roofline's fields: A40, A100 (80 GB SXM), H100 (SXM5).
+# The GPUs whose datasheet has the roofline's fields: A40, A100 (80 GB SXM), H100 (SXM5), H200 (SXM).
 GPUS: dict[str, GPU] = {sheet.label: GPU.from_datasheet(sheet) for sheet in GPU_DATASHEETS.values()
                         if sheet.sms is not None}
 

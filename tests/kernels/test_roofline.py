@@ -134,7 +134,8 @@ def test_predictions_at_benchmark_shapes_match_closed_forms():
 @pytest.mark.parametrize("name,expected", [
     ("NVIDIA A100-SXM4-80GB", "A100"), ("NVIDIA A100 80GB PCIe", "A100"), ("NVIDIA A40", "A40"),
     ("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA H100 NVL", "H100"),
-    ("NVIDIA A10", None), ("NVIDIA RTX A4000", None), ("NVIDIA L40S", None), ("NVIDIA H200", None),
+    ("NVIDIA A10", None), ("NVIDIA RTX A4000", None), ("NVIDIA L40S", None), ("NVIDIA H200", "H200"),
+    ("NVIDIA B200", None),
 ])
 def test_gpu_for_device_name(name, expected):
     gpu = roofline.gpu_for_device_name(name)

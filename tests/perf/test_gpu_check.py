@@ -186,9 +186,10 @@ def test_kernel_bench_shapes_predictions_and_table():
     assert bench.r1_microbatch_shape() == ("r1-microbatch", (16384, 1536, 151936, 16))
     assert bench.roofline_shape("r1-microbatch", 16384, 1536, 151936) is roofline.SHAPES["train-16k"]
     assert bench.roofline_shape("odd", 7, 8, 9) == roofline.Shape("odd", N=7, H=8, V=9)
-    gpu, note = bench.roofline_gpu("NVIDIA H200")
-    assert gpu is roofline.GPUS["H100"] and "NVIDIA H200 is not in" in note
+    gpu, note = bench.roofline_gpu("NVIDIA B200")
+    assert gpu is roofline.GPUS["H100"] and "NVIDIA B200 is not in" in note
     assert bench.roofline_gpu("NVIDIA H100 80GB HBM3") == (roofline.GPUS["H100"], "")
+    assert bench.roofline_gpu("NVIDIA H200") == (roofline.GPUS["H200"], "")  # an H200 is its own row, not an H100
     common = {"shape": "s", "N": 1, "H": 2, "V": 3, "median_ms": 1.0}
     records = [{**common, "label": "naive", "best_ms": 3.0, "peak_extra_mb": 100.0, "predicted_ms": 2.5},
                {**common, "label": "matmul_floor", "best_ms": 2.0, "peak_extra_mb": 50.0},

@@ -218,13 +218,14 @@ def test_the_planner_and_the_roofline_read_one_datasheet_table():
     from fastgrpo.kernels.gpus import GPU_DATASHEETS
 
     # every name the CLI took before the table was shared, with its numbers
-    assert list(GPUS) == ["a40-48gb", "a100-40gb", "a100-80gb", "h100-80gb", "l4-24gb", "rtx4090-24gb", "a6000-48gb"]
+    assert list(GPUS) == ["a40-48gb", "a100-40gb", "a100-80gb", "h100-80gb", "h200-141gb", "l4-24gb", "rtx4090-24gb",
+                          "a6000-48gb"]
     assert [(g.bf16_tflops, g.mem_bw_gbs, round(g.memory_gib * 1024)) for g in GPUS.values()] == [
         (149.7, 696.0, 46068), (312.0, 1555.0, 40960), (312.0, 2039.0, 81920), (989.0, 3350.0, 81559),
-        (121.0, 300.0, 23034), (165.2, 1008.0, 24564), (154.8, 768.0, 49140)]
+        (989.0, 4800.0, 143771), (121.0, 300.0, 23034), (165.2, 1008.0, 24564), (154.8, 768.0, 49140)]
     assert {name: (g.cc, g.bf16_flops, g.mem_bytes_per_s, g.l2_bytes, g.sms) for name, g in roofline.GPUS.items()} == {
         "A40": (86, 149.7e12, 696e9, 6 << 20, 84), "A100": (80, 312e12, 2039e9, 40 << 20, 108),
-        "H100": (90, 989e12, 3350e9, 50 << 20, 132)}
+        "H100": (90, 989e12, 3350e9, 50 << 20, 132), "H200": (90, 989e12, 4800e9, 60 << 20, 132)}
     # one source: the planner's and the roofline's A40 are the same row
     sheet = GPU_DATASHEETS["a40-48gb"]
     assert GPUS["a40-48gb"].bf16_tflops * 1e12 == roofline.GPUS["A40"].bf16_flops == sheet.bf16_tflops * 1e12

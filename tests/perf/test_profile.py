@@ -157,6 +157,7 @@ def test_training_flops_formula_equals_torch_flop_counter(tiny_model_dir):
 @pytest.mark.parametrize("name, memory_gib, key", [
     ("NVIDIA A40", 44.4, "a40-48gb"),
     ("NVIDIA H100 80GB HBM3", 79.1, "h100-80gb"),
+    ("NVIDIA H200", 140.4, "h200-141gb"),
     ("NVIDIA A100-SXM4-40GB", 39.4, "a100-40gb"),
     ("NVIDIA A100-SXM4-80GB", 79.2, "a100-80gb"),
     ("NVIDIA L4", 22.0, "l4-24gb"),
