@@ -216,10 +216,10 @@ def train(cfg: Config, resume: bool = False, timer: PhaseTimer | None = None) ->
         max_model_len = min(max_model_len, shape.model_max_length)
     # With rollouts sampled while the trainer trains, the transformers engine needs its own copy of
     # the model (make_engine loads one from model_path when model is None); sync_weights fills it.
-    overlapped = cfg.rollout.max_staleness > 0
+    own_copy = cfg.rollout.max_staleness > 0 and cfg.rollout.mode == "colocate"
     engine = make_engine(
         cfg.rollout.engine, model_path=str(model_dir if adapters else (latest or model_dir)),
-        model=None if overlapped and cfg.rollout.mode == "colocate" else policy, tokenizer=tokenizer,
+        model=None if own_copy else policy, tokenizer=tokenizer,
         dtype=cfg.rollout.dtype, seed=cfg.train.seed,
         max_model_len=max_model_len,
         gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
@@ -228,8 +228,10 @@ def train(cfg: Config, resume: bool = False, timer: PhaseTimer | None = None) ->
         mode=cfg.rollout.mode, server_host=cfg.rollout.server_host, server_port=cfg.rollout.server_port,
         server_group_port=cfg.rollout.server_group_port, server_timeout_s=cfg.rollout.server_timeout_s,
     )
-    if (start is not None and adapters) or (overlapped and cfg.rollout.engine == "transformers"):
-        engine.sync_weights(policy)  # the engine started from the base model: it gets the saved adapter
+    # The engine started from the base model (it gets the saved adapter), or the transformers engine
+    # loaded its own copy from model_path (a server gets the weights when the RemoteEngine connects).
+    if (start is not None and adapters) or (own_copy and cfg.rollout.engine == "transformers"):
+        engine.sync_weights(policy)
     if start is not None:
         # vLLM seeds the global generators when it starts: the checkpoint's RNG state goes back after it.
         ckpt.set_rng_state(torch.load(start / "rng.pt", weights_only=True))
